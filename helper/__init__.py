@@ -1,0 +1,76 @@
+"""privsock: a privileged socket creator.
+
+The boss-side API is loaded lazily, so that the helper process (which imports
+``privsock.privileged``) never loads the boss's code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "SocketCreator": "privsock.client",
+    "SocketAllocator": "privsock.allocator",
+    "ShareError": "privsock.allocator",
+    "Share": "privsock.allocator",
+    "CreatorError": "privsock.errors",
+    "PolicyDenied": "privsock.errors",
+    "RateLimited": "privsock.errors",
+    "MalformedRequest": "privsock.errors",
+    "CreatorOSError": "privsock.errors",
+    "HelperDied": "privsock.errors",
+    "HelperStartError": "privsock.errors",
+    "ProtocolViolation": "privsock.errors",
+}
+
+__all__ = [
+    "CreatorError",
+    "CreatorOSError",
+    "HelperDied",
+    "HelperStartError",
+    "MalformedRequest",
+    "PolicyDenied",
+    "ProtocolViolation",
+    "RateLimited",
+    "Share",
+    "ShareError",
+    "SocketAllocator",
+    "SocketCreator",
+]
+
+if TYPE_CHECKING:
+    from privsock.client import SocketCreator as SocketCreator
+    from privsock.errors import (
+        CreatorError as CreatorError,
+    )
+    from privsock.errors import (
+        CreatorOSError as CreatorOSError,
+    )
+    from privsock.errors import (
+        HelperDied as HelperDied,
+    )
+    from privsock.errors import (
+        HelperStartError as HelperStartError,
+    )
+    from privsock.errors import (
+        MalformedRequest as MalformedRequest,
+    )
+    from privsock.errors import (
+        PolicyDenied as PolicyDenied,
+    )
+    from privsock.errors import (
+        ProtocolViolation as ProtocolViolation,
+    )
+    from privsock.errors import (
+        RateLimited as RateLimited,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'privsock' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

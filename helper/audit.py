@@ -1,0 +1,94 @@
+"""The audit log format: one JSON object per line, the same on both sides.
+
+Fields (always present, in this order; absent values are null):
+  time      UTC, RFC 3339 with microseconds, e.g. "2026-11-26T20:01:02.123456Z"
+  side      "helper" or "boss"
+  pid       the process that wrote the line
+  id        request id (0 when a malformed request was shorter than 8 bytes)
+  op        "CREATE", "PING" or null (malformed)
+  transport "udp" / "tcp" / null
+  address   the requested address as text, or null
+  port      integer or null
+  options   list of option names ("reuseaddr", "reuseport", "v6only")
+  decision  "granted", "denied", "rate_limited", "malformed", "os_error", "pong"
+  reason    denied: "port", "address", "transport", "option"; malformed: the rule
+            broken; os_error: the stage ("socket", "setsockopt", "bind")
+  rule      the policy rule that decided ("allow[0]", "deny[1]", "default")
+  errno     os_error: the errno number; rate_limited: null
+  retry_ms  rate_limited: milliseconds until a retry can succeed
+
+Pure: building a line does no I/O and opens no file (the helper formats lines
+under seccomp). The time is passed in.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from privsock.protocol import Option, Request
+
+FIELDS = (
+    "time", "side", "pid", "id", "op", "transport", "address", "port", "options",
+    "decision", "reason", "rule", "errno", "retry_ms",
+)  # fmt: skip
+
+_OPTION_NAMES = ((Option.REUSEADDR, "reuseaddr"), (Option.REUSEPORT, "reuseport"),
+                 (Option.V6ONLY, "v6only"))  # fmt: skip
+
+
+def option_names(options: Option) -> list[str]:
+    return [name for flag, name in _OPTION_NAMES if options & flag]
+
+
+def rfc3339(now: float) -> str:
+    t = time.gmtime(now)
+    micros = int((now - int(now)) * 1_000_000)
+    return (
+        f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{micros:06d}Z"
+    )
+
+
+def record(
+    *,
+    now: float,
+    side: str,
+    pid: int,
+    request_id: int,
+    request: Request | None,
+    decision: str,
+    reason: str | None = None,
+    rule: str | None = None,
+    errno: int | None = None,
+    retry_ms: int | None = None,
+) -> dict[str, Any]:
+    return {
+        "time": rfc3339(now),
+        "side": side,
+        "pid": pid,
+        "id": request_id,
+        "op": request.op.name if request else None,
+        "transport": request.transport.name.lower() if request and request.transport else None,
+        "address": str(request.address) if request and request.address else None,
+        "port": request.port if request and request.port else None,
+        "options": option_names(request.options) if request else [],
+        "decision": decision,
+        "reason": reason,
+        "rule": rule,
+        "errno": errno,
+        "retry_ms": retry_ms,
+    }
+
+
+def encode(rec: dict[str, Any]) -> bytes:
+    return json.dumps(rec, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+def parse(line: str | bytes) -> dict[str, Any]:
+    """One audit line back to its record; ValueError if it is not one."""
+    rec = json.loads(line)
+    if not isinstance(rec, dict) or tuple(rec) != FIELDS:
+        raise ValueError("not a privsock audit line")
+    return rec

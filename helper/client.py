@@ -1,0 +1,363 @@
+"""SocketCreator: the boss's end of the channel to one helper process.
+
+It starts the helper on a SOCK_SEQPACKET socketpair (the helper's fd 0), checks
+the handshake with PING, and turns each reply into a socket or a typed
+exception. Every wait is bounded. A helper that breaks the protocol, or stops
+answering, is killed: it is not trusted further.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import IO, Any, NoReturn
+
+from privsock import audit, protocol
+from privsock.errors import (
+    CreatorError,
+    CreatorOSError,
+    HelperDied,
+    HelperStartError,
+    MalformedRequest,
+    PolicyDenied,
+    ProtocolViolation,
+    RateLimited,
+)
+from privsock.protocol import Option, Reply, Request, Stage, Status, Transport
+
+AuditSink = Callable[[dict[str, Any]], None]
+
+HELPER_MODULE = "privsock.privileged.main"
+# What the helper may see of our environment: nothing of ours, and -I makes
+# Python ignore PYTHON* variables and the user site directory anyway.
+HELPER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+
+_DECISIONS = {
+    Status.OK: "granted", Status.DENIED: "denied", Status.RATE_LIMITED: "rate_limited",
+    Status.MALFORMED: "malformed", Status.OS_ERROR: "os_error",
+}  # fmt: skip
+_ANCBUF = socket.CMSG_SPACE(4 * array.array("i").itemsize)
+
+
+class FdNotReceived(CreatorError):
+    """The helper sent a socket, but the kernel could not install it here
+    (MSG_CTRUNC: usually this process is out of file descriptors)."""
+
+
+def default_helper_argv() -> list[str]:
+    return [sys.executable, "-I", "-m", HELPER_MODULE]
+
+
+def _stderr_sink(rec: dict[str, Any]) -> None:
+    sys.stderr.write(audit.encode(rec).decode("ascii"))
+
+
+def parse_transport(value: str | Transport) -> Transport:
+    if isinstance(value, Transport):
+        return value
+    try:
+        return Transport[value.upper()]
+    except KeyError:
+        raise ValueError(f"transport must be 'udp' or 'tcp', not {value!r}") from None
+
+
+def parse_address(value: str | protocol.IPAddress) -> protocol.IPAddress:
+    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return value
+    try:
+        return ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        raise ValueError(f"{value!r} is not a numeric IPv4 or IPv6 address") from None
+
+
+def describe(transport: Transport, address: protocol.IPAddress, port: int) -> str:
+    host = f"[{address}]" if address.version == 6 else str(address)
+    return f"{transport.name.lower()}:{host}:{port}"
+
+
+class SocketCreator:
+    def __init__(
+        self,
+        policy: str,
+        *,
+        helper_argv: Sequence[str] | None = None,
+        audit_sink: AuditSink | None = _stderr_sink,
+        start_timeout: float = 10.0,
+        reply_timeout: float = 5.0,
+    ) -> None:
+        self.policy = os.path.abspath(policy)
+        self.helper_argv = list(helper_argv or default_helper_argv())
+        self.audit_sink = audit_sink
+        self.start_timeout = start_timeout
+        self.reply_timeout = reply_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._chan: socket.socket | None = None
+        self._reader: threading.Thread | None = None
+        self._messages: collections.deque[str] = collections.deque(maxlen=20)
+        self._lock = threading.Lock()
+        self._next_id = 0
+
+    # -- life cycle -------------------------------------------------------
+
+    def __enter__(self) -> SocketCreator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        """Start the helper and wait until it answers PING (it only serves once
+        hardened and verified). Raises HelperStartError with its message."""
+        if self._proc is not None:
+            raise CreatorError("this SocketCreator already has a helper")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._proc = subprocess.Popen(
+                [*self.helper_argv, "--policy", self.policy],
+                stdin=theirs.fileno(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                close_fds=True, env=HELPER_ENV,
+            )  # fmt: skip
+        except OSError as exc:
+            ours.close()
+            raise HelperStartError(None, f"cannot run {self.helper_argv[0]}: {exc}") from exc
+        finally:
+            theirs.close()
+        self._chan = ours
+        self._messages.clear()
+        assert self._proc.stderr is not None
+        self._reader = threading.Thread(
+            target=self._read_stderr, args=(self._proc.stderr,), daemon=True,
+            name=f"privsock-helper-{self._proc.pid}-stderr",
+        )  # fmt: skip
+        self._reader.start()
+        try:
+            self._exchange(protocol.ping(self._new_id()), self.start_timeout)
+        except HelperDied as exc:
+            self._reap_quietly()
+            raise HelperStartError(exc.returncode, self._last_message()) from None
+
+    def close(self) -> int | None:
+        """End the helper (closing the channel is its signal to exit) and reap it.
+        Returns its exit status."""
+        proc, chan = self._proc, self._chan
+        self._chan = None
+        if chan is not None:
+            chan.close()
+        if proc is None:
+            return None
+        try:
+            proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        self._join_reader()
+        self._proc = None
+        return proc.returncode
+
+    # -- requests ---------------------------------------------------------
+
+    def ping(self) -> None:
+        with self._lock:
+            self._exchange(protocol.ping(self._new_id()), self.reply_timeout)
+
+    def create(
+        self,
+        transport: str | Transport,
+        address: str | protocol.IPAddress,
+        port: int,
+        *,
+        reuseaddr: bool = False,
+        reuseport: bool = False,
+        v6only: bool = False,
+    ) -> socket.socket:
+        """A socket bound to (address, port), not listening, from the helper."""
+        tr, addr = parse_transport(transport), parse_address(address)
+        options = Option(0)
+        if reuseaddr:
+            options |= Option.REUSEADDR
+        if reuseport:
+            options |= Option.REUSEPORT
+        if v6only:
+            options |= Option.V6ONLY
+        # encode_request refuses what the helper would call malformed (port 0, ...).
+        req = protocol.create(self._new_id(), tr, addr, port, options)
+        protocol.encode_request(req)
+        what = describe(tr, addr, port)
+        with self._lock:
+            reply, fd = self._exchange(req, self.reply_timeout)
+        if fd is None:
+            self._log_boss(req, reply)
+            raise self._error(reply, what)
+        sock = socket.socket(fileno=fd)
+        family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+        kind = socket.SOCK_DGRAM if tr is Transport.UDP else socket.SOCK_STREAM
+        if sock.family != family or sock.type != kind:
+            sock.close()
+            self._kill(f"sent a {sock.family.name}/{sock.type.name} socket for {what}")
+        self._log_boss(req, reply)
+        return sock
+
+    def _error(self, reply: Reply, what: str) -> CreatorError:
+        if reply.status is Status.DENIED:
+            assert reply.reason is not None
+            return PolicyDenied(reply.reason, what)
+        if reply.status is Status.RATE_LIMITED:
+            return RateLimited(reply.detail / 1000.0, what)
+        if reply.status is Status.OS_ERROR:
+            return CreatorOSError(reply.detail, Stage(reply.code), what)
+        return MalformedRequest(f"{what}: the helper called the request malformed")
+
+    def _new_id(self) -> int:
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
+        return self._next_id
+
+    def _exchange(self, req: Request, timeout: float) -> tuple[Reply, int | None]:
+        chan = self._chan
+        if chan is None or self._proc is None:
+            raise HelperDied(None, "no helper is running")
+        try:
+            chan.sendmsg([protocol.encode_request(req)])
+        except OSError:
+            raise self._died() from None
+        chan.settimeout(timeout)
+        try:
+            data, ancdata, flags, _ = chan.recvmsg(
+                protocol.REPLY_SIZE + 1, _ANCBUF, socket.MSG_CMSG_CLOEXEC
+            )
+        except TimeoutError:
+            self._kill(f"no reply within {timeout:g}s")
+        except OSError:
+            raise self._died() from None
+        fds = _take_fds(ancdata)
+        if not data and not ancdata:
+            raise self._died()
+        try:
+            return self._check_reply(req, data, ancdata, flags, fds)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+
+    def _check_reply(
+        self,
+        req: Request,
+        data: bytes,
+        ancdata: list[tuple[int, int, bytes]],
+        flags: int,
+        fds: list[int],
+    ) -> tuple[Reply, int | None]:
+        if flags & socket.MSG_TRUNC:
+            self._kill("sent an over-long reply")
+        try:
+            reply = protocol.decode_reply(data)
+        except protocol.ProtocolError as exc:
+            self._kill(f"sent an invalid reply ({exc})")
+        if reply.request_id != req.request_id:
+            self._kill(f"answered request {reply.request_id}, expected {req.request_id}")
+        wants_fd = protocol.reply_carries_fd(reply, req)
+        if flags & socket.MSG_CTRUNC:
+            if wants_fd and not fds:
+                raise FdNotReceived(
+                    "the helper sent a socket but this process could not receive it "
+                    "(MSG_CTRUNC; out of file descriptors?)"
+                )
+            self._kill("sent truncated ancillary data")
+        foreign = [a for a in ancdata if a[:2] != (socket.SOL_SOCKET, socket.SCM_RIGHTS)]
+        if foreign or len(fds) != int(wants_fd):
+            self._kill(f"sent {len(fds)} fds with a {reply.status.name} reply")
+        return reply, (fds[0] if wants_fd else None)
+
+    # -- helper failure -----------------------------------------------------
+
+    def _kill(self, why: str) -> NoReturn:
+        """The helper misbehaved: kill it, reap it, raise."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        self._reap_quietly()
+        raise ProtocolViolation(f"privsock helper {why}; it was killed")
+
+    def _died(self) -> HelperDied:
+        returncode = self._reap_quietly()
+        return HelperDied(returncode, self._last_message())
+
+    def _reap_quietly(self) -> int | None:
+        proc = self._proc
+        if self._chan is not None:
+            self._chan.close()
+            self._chan = None
+        if proc is None:
+            return None
+        try:
+            proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        self._join_reader()
+        self._proc = None
+        return proc.returncode
+
+    def _join_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.join(timeout=2.0)
+            self._reader = None
+
+    def _last_message(self) -> str:
+        return self._messages[-1] if self._messages else ""
+
+    def _read_stderr(self, stream: IO[bytes]) -> None:
+        """Forward the helper's audit lines; keep its other messages for errors."""
+        with stream:
+            for raw in stream:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                try:
+                    rec = audit.parse(line)
+                except ValueError:
+                    self._messages.append(line.removeprefix("privsock-helper: "))
+                    continue
+                if self.audit_sink is not None:
+                    self.audit_sink(rec)
+
+    def _log_boss(self, req: Request, reply: Reply) -> None:
+        """The boss's own audit line for a reply, so the log holds both sides."""
+        if self.audit_sink is None:
+            return
+        reason: str | None = None
+        if reply.reason is not None:
+            reason = reply.reason.name.lower()
+        elif reply.stage is not None:
+            reason = reply.stage.name.lower()
+        self.audit_sink(audit.record(
+            now=time.time(), side="boss", pid=os.getpid(), request_id=req.request_id,
+            request=req, decision=_DECISIONS[reply.status], reason=reason,
+            errno=reply.detail if reply.status is Status.OS_ERROR else None,
+            retry_ms=reply.detail if reply.status is Status.RATE_LIMITED else None,
+        ))  # fmt: skip
+
+
+def _take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds

@@ -1,0 +1,82 @@
+"""The boss side's exceptions: one type per reply status, plus helper failures."""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+import signal
+
+from privsock.exitcodes import DESCRIPTIONS, Exit
+from privsock.protocol import Reason, Stage
+
+
+class CreatorError(Exception):
+    """Base of every error privsock raises to its caller."""
+
+
+class PolicyDenied(CreatorError):
+    def __init__(self, reason: Reason, what: str = "") -> None:
+        super().__init__(f"{what + ': ' if what else ''}denied by policy ({reason.name.lower()})")
+        self.reason = reason
+
+
+class RateLimited(CreatorError):
+    def __init__(self, retry_after: float, what: str = "") -> None:
+        super().__init__(f"{what + ': ' if what else ''}rate limited, retry in {retry_after:.3f}s")
+        self.retry_after = retry_after  # seconds
+
+
+class MalformedRequest(CreatorError):
+    """The helper called our request malformed: a bug on this side."""
+
+
+class CreatorOSError(CreatorError):
+    def __init__(self, errno: int, stage: Stage, what: str = "") -> None:
+        name = errno_mod.errorcode.get(errno, str(errno))
+        super().__init__(
+            f"{what + ': ' if what else ''}{stage.name.lower()} failed: "
+            f"{name} ({os.strerror(errno)})"
+        )
+        self.errno = errno
+        self.stage = stage
+
+
+class ProtocolViolation(CreatorError):
+    """The helper broke the protocol; it is killed and not trusted further."""
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        sig = -returncode
+        if sig == signal.SIGSYS:
+            return (
+                "killed by SIGSYS: the seccomp filter killed it for a forbidden syscall "
+                "(look for 'audit type=1326' in the kernel log: dmesg or journalctl -k)"
+            )
+        try:
+            return f"killed by {signal.Signals(sig).name}"
+        except ValueError:
+            return f"killed by signal {sig}"
+    try:
+        return f"exit {returncode}: {DESCRIPTIONS[Exit(returncode)]}"
+    except ValueError:
+        return f"exit {returncode}"
+
+
+class HelperDied(CreatorError):
+    def __init__(self, returncode: int | None, detail: str = "") -> None:
+        msg = f"privsock helper died ({describe_exit(returncode)})"
+        super().__init__(msg + (f": {detail}" if detail else ""))
+        self.returncode = returncode
+        self.detail = detail
+
+    @property
+    def killed_by_seccomp(self) -> bool:
+        return self.returncode == -signal.SIGSYS
+
+
+class HelperStartError(HelperDied):
+    """The helper refused to start (bad policy, no privilege, ...); ``detail``
+    holds its own one-line message."""

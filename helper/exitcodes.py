@@ -1,0 +1,36 @@
+"""Exit codes of privsock-helper (and `privsock`), sysexits-style.
+
+Each start-up failure has its own code and one line on stderr, so a
+supervisor, systemd or a test can tell them apart without parsing text.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Exit(enum.IntEnum):
+    OK = 0  # clean exit: EOF on the channel
+    USAGE = 64  # EX_USAGE: bad command line
+    DATAERR = 65  # EX_DATAERR: the policy file does not parse or validate
+    NOINPUT = 66  # EX_NOINPUT: the policy file cannot be opened
+    NOUSER = 67  # EX_NOUSER: the policy's user or group does not exist
+    SOFTWARE = 70  # EX_SOFTWARE: unexpected error inside the request loop
+    OSERR = 71  # EX_OSERR: a hardening step failed, or self-verification found a difference
+    PROTOCOL = 76  # EX_PROTOCOL: the channel on fd 0 is not a SOCK_SEQPACKET socket
+    NOPERM = 77  # EX_NOPERM: missing privilege (not root, no CAP_NET_BIND_SERVICE)
+    CONFIG = 78  # EX_CONFIG: the policy file is insecure (owner or mode), or its user is root
+
+
+DESCRIPTIONS: dict[Exit, str] = {
+    Exit.OK: "clean exit (the boss closed the channel)",
+    Exit.USAGE: "bad command line",
+    Exit.DATAERR: "the policy file is invalid",
+    Exit.NOINPUT: "the policy file cannot be read",
+    Exit.NOUSER: "the policy's user or group does not exist",
+    Exit.SOFTWARE: "unexpected internal error while serving",
+    Exit.OSERR: "a hardening step failed or could not be verified",
+    Exit.PROTOCOL: "fd 0 is not a SOCK_SEQPACKET socket",
+    Exit.NOPERM: "missing privilege: run as root or give CAP_NET_BIND_SERVICE",
+    Exit.CONFIG: "the policy file is insecure (owner or permissions) or names root",
+}

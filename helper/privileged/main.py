@@ -1,0 +1,190 @@
+"""privsock-helper: start up, harden, prove it, then serve on fd 0.
+
+    privsock-helper --policy FILE
+
+The order is the security argument (SECURITY.md walks through it):
+
+ 1. check the privilege: root with SETUID/SETGID/SETPCAP, or the policy's user
+    holding CAP_NET_BIND_SERVICE; fd 0 must be an AF_UNIX SOCK_SEQPACKET socket;
+ 2. read and check the policy (root-owned, not writable by others, strict parse);
+ 3. close every fd but 0 and 2; no core dumps, no new processes;
+ 4. switch to the policy's user and group keeping only CAP_NET_BIND_SERVICE;
+ 5. no_new_privs, dumpable 0, pdeathsig, and the parent is still the one we had;
+ 6. everything is imported at the top of this module; warm up the lazy paths;
+ 7. load the seccomp allowlist (KILL_PROCESS);
+ 8. read /proc/self/status and refuse to serve unless it shows the promise.
+
+Any failure before serving: one line on stderr and a documented exit code
+(privsock.exitcodes). Once the filter is loaded nothing may open a file, so
+errors are written to fd 2 by hand and the process leaves with os._exit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import socket
+import sys
+import time
+import warnings
+
+from privsock import audit, protocol
+from privsock.exitcodes import Exit
+from privsock.policy import Policy, decide
+from privsock.privileged import drop, seccomp_filter
+from privsock.privileged.policy_file import PolicyFileError, load_policy
+from privsock.privileged.serve import Server
+from privsock.procstatus import parse_status, verdict
+
+USAGE = "usage: privsock-helper --policy FILE"
+
+
+def _say(message: str) -> None:
+    # os.write, not print: sys.stdout/stderr objects may be gone, and this must
+    # work under the filter (write is allowed on fd 2 only).
+    try:
+        os.write(2, f"privsock-helper: {message}\n".encode("utf-8", "replace"))
+    except OSError:
+        pass  # nobody is listening; the exit code still tells
+
+
+class _Refuse(Exception):
+    def __init__(self, code: Exit, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def parse_args(argv: list[str]) -> str:
+    if len(argv) == 2 and argv[0] == "--policy" and argv[1]:
+        return argv[1]
+    if len(argv) == 1 and argv[0].startswith("--policy=") and len(argv[0]) > 9:
+        return argv[0][9:]
+    raise _Refuse(Exit.USAGE, USAGE)
+
+
+def _channel() -> socket.socket:
+    try:
+        chan = socket.socket(fileno=0)
+    except OSError as exc:
+        raise _Refuse(Exit.PROTOCOL, f"fd 0 is not a socket ({exc.strerror})") from None
+    if chan.family != socket.AF_UNIX or chan.type != socket.SOCK_SEQPACKET:
+        chan.detach()
+        raise _Refuse(Exit.PROTOCOL, "fd 0 must be an AF_UNIX SOCK_SEQPACKET socket")
+    return chan
+
+
+def _warm_up(policy: Policy) -> None:
+    """Run every lazy path of the loop once, so nothing is first touched
+    (imported, cached, compiled) under the filter."""
+    req = protocol.create(1, protocol.Transport.TCP, ipaddress.IPv6Address("::1"), 53,
+                          protocol.Option.V6ONLY)  # fmt: skip
+    protocol.decode_request(protocol.encode_request(req))
+    for bad in (b"", b"x" * 32):
+        try:
+            protocol.decode_request(bad)
+        except protocol.ProtocolError as exc:
+            str(exc)
+    decide(policy, req.transport or protocol.Transport.TCP, ipaddress.IPv4Address("127.0.0.1"),
+           53, protocol.Option(0))  # fmt: skip
+    for reply in (protocol.ok(1), protocol.denied(1, protocol.Reason.PORT),
+                  protocol.rate_limited(1, 5), protocol.os_error(1, 98, protocol.Stage.BIND)):
+        protocol.encode_reply(reply)  # fmt: skip
+    audit.encode(audit.record(now=time.time(), side="helper", pid=0, request_id=1,
+                              request=req, decision="granted"))  # fmt: skip
+    time.monotonic()
+
+
+def harden(policy_path: str, expected_parent: int) -> tuple[socket.socket, Policy, int]:
+    """Steps 1-8. Returns the channel, the policy and our pid, or raises _Refuse."""
+    try:
+        root_start = drop.check_privilege()
+        chan = _channel()
+    except drop.HardeningError as exc:
+        raise _Refuse(exc.exit_code, str(exc)) from None
+    try:
+        policy, pid, uid, gid = _drop_and_lock(policy_path, expected_parent, root_start)
+        try:
+            seccomp_filter.load()
+        except OSError as exc:
+            raise _Refuse(Exit.OSERR, f"loading the seccomp filter failed: {exc}") from None
+        # From here on: no file opens. The status fd was opened before the filter.
+        status = os.read(seccomp_filter.STATUS_FD, 8192).decode("ascii", "replace")
+        os.close(seccomp_filter.STATUS_FD)
+        problems = verdict(parse_status(status), uid=uid, gid=gid)
+        if problems:
+            raise _Refuse(Exit.OSERR, "not hardened as promised, refusing to serve: "
+                          + "; ".join(problems))  # fmt: skip
+    except BaseException:
+        # An unclosed socket object warns on collection, and the warning's repr
+        # calls getsockname, which the filter kills. Let go of fd 0 by hand.
+        chan.detach()
+        raise
+    return chan, policy, pid
+
+
+def _drop_and_lock(
+    policy_path: str, expected_parent: int, root_start: bool
+) -> tuple[Policy, int, int, int]:
+    """Steps 2-6. Returns the policy, our pid and the uid/gid we now run as."""
+    try:
+        try:
+            policy = load_policy(policy_path)
+        except PolicyFileError as exc:
+            raise _Refuse(exc.exit_code, str(exc)) from None
+        uid, gid = drop.resolve_ids(policy.user, policy.group)
+        drop.close_fds(keep=(0, 2))
+        drop.set_rlimits()
+        if root_start:
+            drop.switch_user(uid, gid)
+        else:
+            drop.keep_user(uid, gid)
+        drop.lock(expected_parent)
+        pid = os.getpid()
+        _warm_up(policy)
+        fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+        os.dup2(fd, seccomp_filter.STATUS_FD, inheritable=False)
+        os.close(fd)
+        drop.limit_nofile()
+    except drop.HardeningError as exc:
+        raise _Refuse(exc.exit_code, str(exc)) from None
+    except OSError as exc:
+        raise _Refuse(Exit.OSERR, f"hardening failed: {exc}") from None
+    return policy, pid, uid, gid
+
+
+def run(argv: list[str]) -> int:
+    expected_parent = os.getppid()
+    # Warnings would format source lines (opening files) under the filter.
+    warnings.simplefilter("ignore")
+    # Ctrl-C in the boss's terminal reaches the whole process group; the boss
+    # ends the helper by closing the channel, which is always clean.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        policy_path = parse_args(argv)
+        chan, policy, pid = harden(policy_path, expected_parent)
+    except _Refuse as exc:
+        _say(str(exc))
+        return exc.code
+    _say(f"hardened, serving (pid {pid}, policy {policy_path})")
+    try:
+        Server(chan, policy, pid, log=lambda line: os.write(2, line)).serve()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the boss is gone mid-exchange: same as end-of-file
+    finally:
+        chan.detach()  # see harden(): no socket object may be collected open
+    return Exit.OK
+
+
+def main() -> None:
+    try:
+        code = run(sys.argv[1:])
+    except BaseException as exc:
+        _say(f"fatal: {type(exc).__name__}: {exc}")
+        code = Exit.SOFTWARE
+    # os._exit: interpreter shutdown makes syscalls the filter forbids.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The helper's seccomp allowlist, and loading it.
+
+Default action KILL_PROCESS; a foreign architecture (i386 `int 0x80`, x32) is
+killed too. Every syscall the serving loop makes is listed here with the reason
+it is needed; SECURITY.md repeats the table for operators. Arguments are
+filtered wherever the value is a plain integer (seccomp cannot read pointers).
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import mmap
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+
+@contextmanager
+def _direct_sonames() -> Iterator[None]:
+    # pyseccomp calls find_library() at import, which runs ldconfig twice (about
+    # 50 ms, and it fails where ldconfig is missing). The sonames are fixed on Linux.
+    real = ctypes.util.find_library
+    known = {"seccomp": "libseccomp.so.2", "c": "libc.so.6"}
+
+    def find(name: str) -> str | None:
+        return known.get(name) or real(name)
+
+    ctypes.util.find_library = find
+    try:
+        yield
+    finally:
+        ctypes.util.find_library = real
+
+
+with _direct_sonames():
+    import pyseccomp as sc
+
+# Both socket type flags the kernel accepts ORed into `type`; masked off so that
+# SOCK_CLOEXEC (which Python always adds) does not need its own rule.
+_TYPE_MASK = 0xFFFFFFFF & ~(socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+
+# The fd the helper keeps /proc/self/status on for its one self-check. It sits
+# above the RLIMIT_NOFILE the helper sets, so once closed that number can never
+# be handed out again, and `read` on it can never reach anything else.
+STATUS_FD = 9
+
+
+@dataclass(frozen=True, slots=True)
+class Allowed:
+    syscall: str
+    why: str
+    args: tuple[tuple[sc.Arg, ...], ...] = ((),)  # ORed rules of ANDed conditions
+
+
+def _eq(arg: int, value: int) -> sc.Arg:
+    return sc.Arg(arg, sc.EQ, value)
+
+
+ALLOWLIST: tuple[Allowed, ...] = (
+    Allowed("recvmsg", "read a request from the boss, only on fd 0", ((_eq(0, 0),),)),
+    Allowed("sendmsg", "send a reply (and the new fd) to the boss, only on fd 0", ((_eq(0, 0),),)),
+    Allowed(
+        "socket",
+        "create the requested socket: AF_INET/AF_INET6, STREAM/DGRAM, protocol 0 only",
+        tuple(
+            (_eq(0, family), sc.Arg(1, sc.MASKED_EQ, _TYPE_MASK, kind), _eq(2, 0))
+            for family in (socket.AF_INET, socket.AF_INET6)
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM)
+        ),
+    ),
+    Allowed(
+        "setsockopt",
+        "the three options the protocol knows: SO_REUSEADDR, SO_REUSEPORT, IPV6_V6ONLY",
+        (
+            (_eq(1, socket.SOL_SOCKET), _eq(2, socket.SO_REUSEADDR)),
+            (_eq(1, socket.SOL_SOCKET), _eq(2, socket.SO_REUSEPORT)),
+            (_eq(1, socket.IPPROTO_IPV6), _eq(2, socket.IPV6_V6ONLY)),
+        ),
+    ),
+    Allowed("bind", "bind the new socket; the address was checked against the policy"),
+    Allowed("close", "close the helper's copy of a sent fd, and fds a boss sent it"),
+    Allowed("write", "the audit log and fatal messages, only on fd 2", ((_eq(0, 2),),)),
+    Allowed(
+        "read", "the one read of /proc/self/status for the self-check", ((_eq(0, STATUS_FD),),)
+    ),
+    Allowed(
+        "mmap",
+        "the Python allocator; never with PROT_EXEC",
+        ((sc.Arg(2, sc.MASKED_EQ, mmap.PROT_EXEC, 0),),),
+    ),
+    Allowed("munmap", "the Python allocator returns memory"),
+    Allowed("mremap", "glibc realloc of large blocks"),
+    Allowed("brk", "glibc malloc grows the heap"),
+    Allowed("clock_gettime", "the rate limiter's clock and log times, where the vDSO falls back"),
+    Allowed("rt_sigreturn", "return from a signal handler (CPython's C-level handler)"),
+    Allowed("exit_group", "leave: os._exit"),
+)
+
+
+def build() -> sc.SyscallFilter:
+    flt = sc.SyscallFilter(sc.KILL_PROCESS)
+    # A syscall from another ABI (i386, x32) would bypass the x86_64 numbers.
+    flt.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
+    for entry in ALLOWLIST:
+        for conditions in entry.args:
+            flt.add_rule(sc.ALLOW, entry.syscall, *conditions)
+    return flt
+
+
+def load() -> None:
+    """Install the filter on this process. Irreversible; requires no_new_privs
+    to be set already (or CAP_SYS_ADMIN, which the helper never has)."""
+    build().load()

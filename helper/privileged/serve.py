@@ -1,0 +1,162 @@
+"""The helper's request loop: one request in, one reply out, on fd 0.
+
+Runs under the seccomp filter, so it must make no syscall outside
+seccomp_filter.ALLOWLIST: no imports, no file opens, no name lookups, no
+tracebacks, and no socket object left for the garbage collector (its
+ResourceWarning calls getsockname): every socket is closed explicitly.
+
+The decisions themselves are pure (protocol, policy, ratelimit); this module
+only moves bytes and fds.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import time
+from collections.abc import Callable
+
+from privsock import audit, protocol
+from privsock.policy import Policy, decide
+from privsock.protocol import Option, Reply, Request, Stage, Status, Transport
+from privsock.ratelimit import TokenBucket
+
+# Room for the fd numbers that can be installed under the helper's NOFILE limit;
+# the kernel closes what does not fit and sets MSG_CTRUNC.
+ANCBUF = socket.CMSG_SPACE(64 * array.array("i").itemsize)
+
+_SOCKOPTS: tuple[tuple[Option, int, int], ...] = (
+    (Option.REUSEADDR, socket.SOL_SOCKET, socket.SO_REUSEADDR),
+    (Option.REUSEPORT, socket.SOL_SOCKET, socket.SO_REUSEPORT),
+    (Option.V6ONLY, socket.IPPROTO_IPV6, socket.IPV6_V6ONLY),
+)
+_STAGE_NAMES = {Stage.SOCKET: "socket", Stage.SETSOCKOPT: "setsockopt", Stage.BIND: "bind"}
+
+
+def close_passed_fds(ancdata: list[tuple[int, int, bytes]]) -> int:
+    """Close every fd a boss pushed at us; returns how many."""
+    count = 0
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass  # not ours after all; nothing to release
+                count += 1
+    return count
+
+
+def make_socket(req: Request) -> tuple[socket.socket | None, Reply]:
+    """Create, set options on and bind the requested socket (not listening)."""
+    assert req.transport is not None and req.address is not None
+    family = socket.AF_INET if req.address.version == 4 else socket.AF_INET6
+    kind = socket.SOCK_DGRAM if req.transport is Transport.UDP else socket.SOCK_STREAM
+    try:
+        sock = socket.socket(family, kind, 0)
+    except OSError as exc:
+        return None, protocol.os_error(req.request_id, exc.errno or 0, Stage.SOCKET)
+    stage = Stage.SETSOCKOPT
+    try:
+        for flag, level, name in _SOCKOPTS:
+            if req.options & flag:
+                sock.setsockopt(level, name, 1)
+        if family == socket.AF_INET6 and not req.options & Option.V6ONLY:
+            # Be explicit: the policy judged a dual-stack socket; never depend on
+            # the net.ipv6.bindv6only sysctl.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        stage = Stage.BIND
+        sock.bind((str(req.address), req.port))
+    except OSError as exc:
+        sock.close()
+        return None, protocol.os_error(req.request_id, exc.errno or 0, stage)
+    return sock, protocol.ok(req.request_id)
+
+
+class Server:
+    def __init__(
+        self,
+        chan: socket.socket,
+        policy: Policy,
+        pid: int,
+        log: Callable[[bytes], object],
+        clock: Callable[[], float] = time.monotonic,
+        wallclock: Callable[[], float] = time.time,
+    ) -> None:
+        self.chan = chan
+        self.policy = policy
+        self.bucket = TokenBucket(policy.rate_limit.rate, policy.rate_limit.burst, clock())
+        self.pid = pid
+        self.log = log
+        self.clock = clock
+        self.wallclock = wallclock
+
+    def _audit(self, request_id: int, req: Request | None, decision: str, **kw: object) -> None:
+        rec = audit.record(
+            now=self.wallclock(), side="helper", pid=self.pid, request_id=request_id,
+            request=req, decision=decision, **kw,  # type: ignore[arg-type]
+        )  # fmt: skip
+        self.log(audit.encode(rec))
+
+    def handle(self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int) -> tuple[
+        Reply, socket.socket | None
+    ]:
+        """Decide one message. Returns the reply and, for OK to CREATE, the socket."""
+        rid = protocol.peek_request_id(data)
+        if ancdata or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+            close_passed_fds(ancdata)
+            why = "ancillary data" if ancdata or flags & socket.MSG_CTRUNC else "over-long"
+            self._audit(rid, None, "malformed", reason=why)
+            return protocol.malformed(rid), None
+        try:
+            req = protocol.decode_request(data)
+        except protocol.ProtocolError as exc:
+            self._audit(exc.request_id, None, "malformed", reason=str(exc))
+            return protocol.malformed(exc.request_id), None
+        if req.op is protocol.Op.PING:
+            self._audit(rid, req, "pong")
+            return protocol.ok(rid), None
+        # The token goes before the decision, so probing the policy costs too.
+        wait_ms = self.bucket.take(self.clock())
+        if wait_ms:
+            self._audit(rid, req, "rate_limited", retry_ms=wait_ms)
+            return protocol.rate_limited(rid, wait_ms), None
+        assert req.transport is not None and req.address is not None
+        verdict = decide(self.policy, req.transport, req.address, req.port, req.options)
+        if not verdict.allowed:
+            assert verdict.reason is not None
+            self._audit(rid, req, "denied", reason=verdict.reason.name.lower(), rule=verdict.rule)
+            return protocol.denied(rid, verdict.reason), None
+        sock, reply = make_socket(req)
+        if reply.status is Status.OS_ERROR:
+            stage = _STAGE_NAMES[Stage(reply.code)]
+            self._audit(rid, req, "os_error", reason=stage, rule=verdict.rule, errno=reply.detail)
+        else:
+            self._audit(rid, req, "granted", rule=verdict.rule)
+        return reply, sock
+
+    def serve(self) -> None:
+        """Until the boss closes the channel (a zero-length read: on SOCK_SEQPACKET
+        an empty message and end-of-file look the same, and both end the session)."""
+        while True:
+            data, ancdata, flags, _ = self.chan.recvmsg(
+                protocol.REQUEST_SIZE + 1, ANCBUF, socket.MSG_CMSG_CLOEXEC
+            )
+            # msg_flags echoes MSG_CMSG_CLOEXEC; only the truncation bits matter.
+            if not data and not ancdata and not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                return
+            reply, sock = self.handle(data, ancdata, flags)
+            if sock is None:
+                self.chan.sendmsg([protocol.encode_reply(reply)])
+                continue
+            try:
+                fds = array.array("i", [sock.fileno()])
+                self.chan.sendmsg(
+                    [protocol.encode_reply(reply)],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())],
+                )
+            finally:
+                sock.close()

@@ -1,0 +1,65 @@
+"""Shared fixtures. End-to-end tests need root and the real kernel: they start
+real helpers, which really drop privilege and load a real seccomp filter."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from privsock.client import SocketCreator
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_POLICY = REPO / "policy" / "default.toml"
+
+# Generous limits, loopback and the ports the tests use.
+TEST_POLICY = """
+version = 1
+[helper]
+user = "privsock"
+group = "privsock"
+[rate_limit]
+rate = 100000.0
+burst = 100000
+[[allow]]
+transports = ["udp", "tcp"]
+ports = [53, 80, 443, "1000-1023"]
+addresses = ["0.0.0.0/0", "::/0"]
+options = ["reuseaddr", "reuseport", "v6only"]
+[[deny]]
+transports = ["udp", "tcp"]
+ports = [22]
+"""
+
+
+@pytest.fixture
+def root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root: it starts the real privileged helper")
+
+
+@pytest.fixture
+def policy_factory(tmp_path: Path) -> Callable[[str], Path]:
+    """Write a policy the helper accepts: root-owned, 0644, in a 0700 root dir."""
+    counter = iter(range(1000))
+
+    def make(text: str) -> Path:
+        path = tmp_path / f"policy-{next(counter)}.toml"
+        path.write_text(textwrap.dedent(text))
+        path.chmod(0o644)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def test_policy(policy_factory: Callable[[str], Path]) -> Path:
+    return policy_factory(TEST_POLICY)
+
+
+@pytest.fixture
+def creator(root: None, test_policy: Path) -> Iterator[SocketCreator]:
+    with SocketCreator(str(test_policy), audit_sink=None) as c:
+        yield c

@@ -1,0 +1,99 @@
+"""Test utilities: a helper process driven with raw bytes, and /proc readings."""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from privsock import protocol
+from privsock.client import HELPER_ENV, default_helper_argv
+from privsock.protocol import REPLY_SIZE
+
+
+class RawHelper:
+    """A real helper whose channel the test drives byte by byte."""
+
+    def __init__(self, policy: Path, argv: list[str] | None = None) -> None:
+        self.chan, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen(
+            [*(argv or default_helper_argv()), "--policy", str(policy)],
+            stdin=theirs, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=HELPER_ENV, close_fds=True,
+        )
+        theirs.close()
+        self.chan.settimeout(10)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, data: bytes, fds: list[int] | None = None) -> None:
+        anc = []
+        if fds:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        self.chan.sendmsg([data], anc)
+
+    def recv(self) -> tuple[bytes, list[int], int]:
+        data, anc, flags, _ = self.chan.recvmsg(
+            REPLY_SIZE + 64, socket.CMSG_SPACE(16 * 4), socket.MSG_CMSG_CLOEXEC
+        )
+        fds: list[int] = []
+        for level, kind, raw in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(raw[: len(raw) - len(raw) % 4])
+                fds.extend(arr)
+        return data, fds, flags
+
+    def exchange(self, data: bytes, fds: list[int] | None = None) -> tuple[bytes, list[int]]:
+        self.send(data, fds)
+        reply, got, _ = self.recv()
+        return reply, got
+
+    def wait_ready(self) -> None:
+        """Serving starts only after hardening; a PING answered means hardened."""
+        reply, fds = self.exchange(protocol.encode_request(protocol.ping(424242)))
+        assert not fds
+        assert protocol.decode_reply(reply).status is protocol.Status.OK
+
+    def close(self) -> int:
+        self.chan.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        return self.proc.returncode
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def proc_status(pid: int) -> str:
+    return Path(f"/proc/{pid}/status").read_text()
+
+
+def gone(pid: int, within: float) -> bool:
+    """True once pid no longer exists or is a zombie, polled up to `within` s."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+
+
+PYTHON = sys.executable
