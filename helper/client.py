@@ -48,6 +48,13 @@ _DECISIONS = {
 _ANCBUF = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 
 
+class HelperRestartLimit(HelperDied):
+    """The helper kept dying; the boss stopped restarting it."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(None, detail)
+
+
 class FdNotReceived(CreatorError):
     """The helper sent a socket, but the kernel could not install it here
     (MSG_CTRUNC: usually this process is out of file descriptors)."""
@@ -93,6 +100,8 @@ class SocketCreator:
         audit_sink: AuditSink | None = _stderr_sink,
         start_timeout: float = 10.0,
         reply_timeout: float = 5.0,
+        max_restarts: int = 5,
+        restart_window: float = 60.0,
     ) -> None:
         self.policy = os.path.abspath(policy)
         self.helper_argv = list(helper_argv or default_helper_argv())
@@ -105,6 +114,11 @@ class SocketCreator:
         self._messages: collections.deque[str] = collections.deque(maxlen=20)
         self._lock = threading.Lock()
         self._next_id = 0
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
+        self._starts: collections.deque[float] = collections.deque()
+        self._fatal: HelperDied | None = None  # set once restarting is refused
+        self._closed = False
 
     # -- life cycle -------------------------------------------------------
 
@@ -128,6 +142,8 @@ class SocketCreator:
         hardened and verified). Raises HelperStartError with its message."""
         if self._proc is not None:
             raise CreatorError("this SocketCreator already has a helper")
+        self._closed = False
+        self._starts.append(time.monotonic())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = subprocess.Popen(
@@ -159,6 +175,7 @@ class SocketCreator:
         Returns its exit status."""
         proc, chan = self._proc, self._chan
         self._chan = None
+        self._closed = True
         if chan is not None:
             chan.close()
         if proc is None:
@@ -174,8 +191,41 @@ class SocketCreator:
 
     # -- requests ---------------------------------------------------------
 
+    def restart(self) -> None:
+        """Start a new helper by hand, also after a seccomp kill or the restart
+        limit; sockets already handed out stay valid."""
+        with self._lock:
+            if self._proc is not None:
+                self._reap_quietly()
+            self._fatal = None
+            self._starts.clear()
+            self.start()
+
+    def _ensure_helper(self) -> None:
+        """Supervision: a helper that died is replaced on the next request, at
+        most max_restarts times per restart_window; a seccomp kill never is."""
+        if self._proc is not None:
+            return
+        if self._closed:
+            raise CreatorError("this SocketCreator was closed")
+        if self._fatal is not None:
+            raise self._fatal
+        if not self._starts:
+            raise CreatorError("the helper was never started: call start() first")
+        now = time.monotonic()
+        while self._starts and now - self._starts[0] > self.restart_window:
+            self._starts.popleft()
+        if len(self._starts) > self.max_restarts:
+            self._fatal = HelperRestartLimit(
+                f"the helper died {len(self._starts)} times within "
+                f"{self.restart_window:g}s; not restarting it (see its audit log)"
+            )
+            raise self._fatal
+        self.start()
+
     def ping(self) -> None:
         with self._lock:
+            self._ensure_helper()
             self._exchange(protocol.ping(self._new_id()), self.reply_timeout)
 
     def create(
@@ -202,6 +252,7 @@ class SocketCreator:
         protocol.encode_request(req)
         what = describe(tr, addr, port)
         with self._lock:
+            self._ensure_helper()
             reply, fd = self._exchange(req, self.reply_timeout)
         if fd is None:
             self._log_boss(req, reply)
@@ -297,7 +348,15 @@ class SocketCreator:
 
     def _died(self) -> HelperDied:
         returncode = self._reap_quietly()
-        return HelperDied(returncode, self._last_message())
+        died = HelperDied(returncode, self._last_message())
+        if died.killed_by_seccomp:
+            # A filter violation is a bug or an attack: restarting would give an
+            # exploit another try, so it takes a human (restart()).
+            self._fatal = HelperDied(
+                returncode, "not restarted automatically after a seccomp kill; "
+                "call restart() once the cause is known",
+            )  # fmt: skip
+        return died
 
     def _reap_quietly(self) -> int | None:
         proc = self._proc

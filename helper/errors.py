@@ -47,7 +47,7 @@ class ProtocolViolation(CreatorError):
 
 def describe_exit(returncode: int | None) -> str:
     if returncode is None:
-        return "still running"
+        return "exit status unknown"
     if returncode < 0:
         sig = -returncode
         if sig == signal.SIGSYS:

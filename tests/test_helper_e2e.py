@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from privsock import protocol
-from privsock.client import SocketCreator
+from privsock.client import HelperRestartLimit, SocketCreator
 from privsock.errors import (
     CreatorOSError,
     HelperDied,
@@ -274,7 +274,7 @@ def test_allowed_syscalls_after_hardening_work(root: None, test_policy: Path) ->
 
 BOSS = """
 import sys, time
-from privsock.client import SocketCreator
+from privsock.client import HelperRestartLimit, SocketCreator
 c = SocketCreator(sys.argv[1], audit_sink=None)
 c.start()
 print(c.pid, flush=True)
@@ -373,3 +373,51 @@ def test_start_error_carries_the_helpers_message(root: None, test_policy: Path) 
         SocketCreator(str(test_policy), audit_sink=None).start()
     assert info.value.returncode == Exit.CONFIG
     assert "writable" in str(info.value)
+
+
+# -- supervision ---------------------------------------------------------------
+
+
+def test_dead_helper_is_replaced_on_next_request(creator: SocketCreator) -> None:
+    kept = creator.create("udp", "127.0.0.1", 1004)
+    first = creator.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    with pytest.raises(HelperDied):
+        creator.ping()
+    with creator.create("udp", "127.0.0.1", 1005) as fresh:
+        assert fresh.getsockname()[1] == 1005
+    assert creator.pid not in (None, first)
+    # A socket handed out by the dead helper stays valid.
+    with kept, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        peer.sendto(b"still here", ("127.0.0.1", 1004))
+        kept.settimeout(5)
+        assert kept.recv(64) == b"still here"
+
+
+def test_restart_bound_trips_with_a_permanent_error(root: None, test_policy: Path) -> None:
+    with SocketCreator(str(test_policy), audit_sink=None, max_restarts=2) as c:
+        for _ in range(3):
+            assert c.pid is not None
+            os.kill(c.pid, signal.SIGKILL)
+            with pytest.raises(HelperDied):
+                c.ping()
+            if _ < 2:
+                c.ping()  # restarted
+        with pytest.raises(HelperRestartLimit, match="died 3 times"):
+            c.ping()
+        with pytest.raises(HelperRestartLimit):
+            c.ping()  # permanent, not a new attempt
+        c.restart()  # a human decides
+        c.ping()
+
+
+def test_seccomp_kill_is_not_restarted_automatically(creator: SocketCreator) -> None:
+    assert creator.pid is not None
+    os.kill(creator.pid, signal.SIGSYS)
+    with pytest.raises(HelperDied):
+        creator.ping()
+    with pytest.raises(HelperDied, match="not restarted automatically after a seccomp kill"):
+        creator.ping()
+    creator.restart()
+    creator.ping()

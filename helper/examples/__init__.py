@@ -1,0 +1,1 @@
+"""Example services that run unprivileged on sockets from privsock."""
