@@ -43,8 +43,13 @@ def option_names(options: Option) -> list[str]:
 
 
 def rfc3339(now: float) -> str:
-    t = time.gmtime(now)
-    micros = int((now - int(now)) * 1_000_000)
+    # Round to the nearest microsecond (as datetime does): truncating the float would
+    # print 1.000001 as 1.000000. Rounding up may carry into the next second.
+    seconds, fraction = divmod(now, 1.0)
+    micros = round(fraction * 1_000_000)
+    if micros == 1_000_000:
+        seconds, micros = seconds + 1, 0
+    t = time.gmtime(seconds)
     return (
         f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
         f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{micros:06d}Z"

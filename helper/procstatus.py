@@ -58,6 +58,14 @@ class ProcStatus:
     seccomp_filters: int | None  # None on kernels without the field
 
 
+def _nat(text: str, base: int = 10) -> int:
+    # int() also takes "-1", and a negative mask would make cap_names loop forever.
+    value = int(text, base)
+    if value < 0:
+        raise StatusFormatError(f"negative number {text!r}")
+    return value
+
+
 def parse_status(text: str) -> ProcStatus:
     fields: dict[str, str] = {}
     for line in text.splitlines():
@@ -65,21 +73,21 @@ def parse_status(text: str) -> ProcStatus:
         if sep:
             fields[key] = value.strip()
     try:
-        uids = tuple(int(x) for x in fields["Uid"].split())
-        gids = tuple(int(x) for x in fields["Gid"].split())
+        uids = tuple(_nat(x) for x in fields["Uid"].split())
+        gids = tuple(_nat(x) for x in fields["Gid"].split())
         if len(uids) != 4 or len(gids) != 4:
             raise StatusFormatError("Uid/Gid lines do not have four fields")
         return ProcStatus(
-            pid=int(fields["Pid"]),
+            pid=_nat(fields["Pid"]),
             name=fields.get("Name", "?"),
             uids=(uids[0], uids[1], uids[2], uids[3]),
             gids=(gids[0], gids[1], gids[2], gids[3]),
-            groups=tuple(int(x) for x in fields["Groups"].split()),
-            caps={name: int(fields[name], 16) for name in CAP_SETS},
-            no_new_privs=int(fields["NoNewPrivs"]),
-            seccomp=int(fields["Seccomp"]),
+            groups=tuple(_nat(x) for x in fields["Groups"].split()),
+            caps={name: _nat(fields[name], 16) for name in CAP_SETS},
+            no_new_privs=_nat(fields["NoNewPrivs"]),
+            seccomp=_nat(fields["Seccomp"]),
             seccomp_filters=(
-                int(fields["Seccomp_filters"]) if "Seccomp_filters" in fields else None
+                _nat(fields["Seccomp_filters"]) if "Seccomp_filters" in fields else None
             ),
         )
     except KeyError as exc:

@@ -1,0 +1,245 @@
+"""The audit line format (privsock.audit): pure record building, encoding, parsing."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from privsock.audit import FIELDS, encode, option_names, parse, record, rfc3339
+from privsock.protocol import Option, Transport, create, ping
+
+V4 = ipaddress.IPv4Address("192.0.2.10")
+V6 = ipaddress.IPv6Address("2001:db8::1")
+NOW = 1795723200.5  # 2026-11-26T20:00:00.5Z
+RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
+
+
+def test_fields_are_the_documented_ones() -> None:
+    assert FIELDS == (
+        "time", "side", "pid", "id", "op", "transport", "address", "port", "options",
+        "decision", "reason", "rule", "errno", "retry_ms",
+    )  # fmt: skip
+
+
+def test_record_for_a_granted_create() -> None:
+    req = create(7, Transport.UDP, V6, 53, Option.REUSEADDR | Option.V6ONLY)
+    rec = record(now=NOW, side="helper", pid=4242, request_id=7, request=req,
+                 decision="granted", rule="allow[0]")  # fmt: skip
+    assert tuple(rec) == FIELDS
+    assert rec == {
+        "time": "2026-11-26T20:00:00.500000Z",
+        "side": "helper",
+        "pid": 4242,
+        "id": 7,
+        "op": "CREATE",
+        "transport": "udp",
+        "address": "2001:db8::1",
+        "port": 53,
+        "options": ["reuseaddr", "v6only"],
+        "decision": "granted",
+        "reason": None,
+        "rule": "allow[0]",
+        "errno": None,
+        "retry_ms": None,
+    }
+
+
+def test_record_for_os_error_and_rate_limited() -> None:
+    req = create(9, Transport.TCP, V4, 80)
+    rec = record(now=0.0, side="helper", pid=1, request_id=9, request=req,
+                 decision="os_error", reason="bind", rule="allow[1]", errno=98)  # fmt: skip
+    assert (rec["transport"], rec["address"], rec["port"], rec["options"]) == (
+        "tcp", "192.0.2.10", 80, [],
+    )  # fmt: skip
+    assert (rec["decision"], rec["reason"], rec["rule"], rec["errno"]) == (
+        "os_error", "bind", "allow[1]", 98,
+    )  # fmt: skip
+    rec = record(now=0.0, side="boss", pid=2, request_id=9, request=req,
+                 decision="rate_limited", retry_ms=125)  # fmt: skip
+    assert (rec["side"], rec["errno"], rec["retry_ms"]) == ("boss", None, 125)
+
+
+def test_record_for_malformed_has_nulls() -> None:
+    rec = record(now=NOW, side="helper", pid=3, request_id=0, request=None,
+                 decision="malformed", reason="request is 5 bytes, not 32")  # fmt: skip
+    assert tuple(rec) == FIELDS
+    assert rec["id"] == 0
+    for key in ("op", "transport", "address", "port", "rule", "errno", "retry_ms"):
+        assert rec[key] is None, key
+    assert rec["options"] == []
+    assert rec["reason"] == "request is 5 bytes, not 32"
+
+
+def test_record_for_ping() -> None:
+    rec = record(now=NOW, side="helper", pid=3, request_id=0xFFFFFFFF, request=ping(0xFFFFFFFF),
+                 decision="pong")  # fmt: skip
+    assert rec["op"] == "PING"
+    assert rec["id"] == 0xFFFFFFFF
+    assert (rec["transport"], rec["address"], rec["port"], rec["options"]) == (None, None, None, [])
+
+
+def test_record_keeps_wildcard_addresses() -> None:
+    """0.0.0.0 and :: are falsy-looking but real addresses: they must be logged."""
+    for addr in (ipaddress.IPv4Address("0.0.0.0"), ipaddress.IPv6Address("::")):
+        rec = record(now=NOW, side="helper", pid=1, request_id=1,
+                     request=create(1, Transport.TCP, addr, 443), decision="granted")  # fmt: skip
+        assert rec["address"] == str(addr)
+
+
+def test_encode_is_one_compact_ascii_line_in_field_order() -> None:
+    req = create(7, Transport.TCP, V4, 443, Option.REUSEPORT)
+    rec = record(now=NOW, side="helper", pid=4242, request_id=7, request=req,
+                 decision="denied", reason="port", rule="deny[1]")  # fmt: skip
+    line = encode(rec)
+    assert isinstance(line, bytes)
+    assert line.endswith(b"\n")
+    assert line.count(b"\n") == 1
+    assert line == (
+        b'{"time":"2026-11-26T20:00:00.500000Z","side":"helper","pid":4242,"id":7,'
+        b'"op":"CREATE","transport":"tcp","address":"192.0.2.10","port":443,'
+        b'"options":["reuseport"],"decision":"denied","reason":"port","rule":"deny[1]",'
+        b'"errno":null,"retry_ms":null}\n'
+    )
+    assert tuple(json.loads(line)) == FIELDS
+
+
+def test_encode_escapes_newlines_and_non_ascii() -> None:
+    """A reason with a newline or non-ASCII text must not split or corrupt the line."""
+    rec = record(now=NOW, side="helper", pid=1, request_id=1, request=None,
+                 decision="malformed", reason="bad\nmagic b'\\xff' \u00e9\u2028")  # fmt: skip
+    line = encode(rec)
+    assert line.count(b"\n") == 1 and line.endswith(b"\n")
+    assert line.isascii()
+    assert parse(line)["reason"] == "bad\nmagic b'\\xff' \u00e9\u2028"
+
+
+@pytest.mark.parametrize("as_text", [False, True])
+def test_parse_round_trips(as_text: bool) -> None:
+    recs = [
+        record(now=NOW, side="helper", pid=1, request_id=5,
+               request=create(5, Transport.UDP, V6, 1, Option(7)), decision="granted",
+               rule="allow[2]"),
+        record(now=0.0, side="boss", pid=2, request_id=0, request=None, decision="malformed",
+               reason="bad magic"),
+        record(now=NOW, side="helper", pid=3, request_id=6, request=ping(6), decision="pong"),
+    ]  # fmt: skip
+    for rec in recs:
+        line = encode(rec)
+        back = parse(line.decode() if as_text else line)
+        assert back == rec
+        assert tuple(back) == FIELDS
+        assert encode(back) == line
+
+
+def valid_line() -> dict[str, object]:
+    return record(now=NOW, side="helper", pid=1, request_id=1, request=None, decision="pong")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "",
+        "\n",
+        "garbage",
+        "{",
+        "null",
+        "1",
+        '"a string"',
+        "[]",
+        "{}",
+        json.dumps(list(FIELDS)),
+        json.dumps(dict.fromkeys(reversed(FIELDS))),
+        json.dumps({k: v for k, v in valid_line().items() if k != "retry_ms"}),
+        json.dumps({**valid_line(), "extra": 1}),
+        json.dumps({"extra": 1, **valid_line()}),
+        b"\xff\xfe",
+        b'{"time": "x"}\n',
+    ],
+)
+def test_parse_rejects_non_audit_lines(line: str | bytes) -> None:
+    with pytest.raises(ValueError):
+        parse(line)
+
+
+def test_parse_rejects_reordered_fields() -> None:
+    rec = valid_line()
+    swapped = dict(rec)
+    swapped = {"side": swapped.pop("side"), **swapped}
+    assert tuple(swapped) != FIELDS
+    with pytest.raises(ValueError, match="not a privsock audit line"):
+        parse(json.dumps(swapped))
+
+
+# ---------------------------------------------------------------------------
+# rfc3339
+
+
+@pytest.mark.parametrize(
+    ("now", "text"),
+    [
+        (0.0, "1970-01-01T00:00:00.000000Z"),
+        (0.5, "1970-01-01T00:00:00.500000Z"),
+        (59.75, "1970-01-01T00:00:59.750000Z"),
+        (86399.0, "1970-01-01T23:59:59.000000Z"),
+        (951782400.25, "2000-02-29T00:00:00.250000Z"),  # leap day
+        (1795723200.0, "2026-11-26T20:00:00.000000Z"),
+        (1795723200.5, "2026-11-26T20:00:00.500000Z"),
+        (2147483647.0, "2038-01-19T03:14:07.000000Z"),
+        (2147483648.0, "2038-01-19T03:14:08.000000Z"),  # past 32-bit time_t
+        (4102444799.0, "2099-12-31T23:59:59.000000Z"),
+    ],
+)
+def test_rfc3339_known_epochs(now: float, text: str) -> None:
+    assert rfc3339(now) == text
+
+
+@pytest.mark.parametrize(
+    ("now", "text"),
+    [
+        # Decimal fractions are not exact binary floats; the nearest microsecond
+        # must be printed, not the float truncated (1.000001 is 1.00000099999...).
+        (1.000001, "1970-01-01T00:00:01.000001Z"),
+        (1.123456, "1970-01-01T00:00:01.123456Z"),
+        (1700000000.000001, "2023-11-14T22:13:20.000001Z"),
+        (1795723200.123456, "2026-11-26T20:00:00.123456Z"),
+        (1795723200.999999, "2026-11-26T20:00:00.999999Z"),
+        # Rounding up may carry into the next second.
+        (0.9999999, "1970-01-01T00:00:01.000000Z"),
+        (59.9999996, "1970-01-01T00:01:00.000000Z"),
+    ],
+)
+def test_rfc3339_rounds_to_the_nearest_microsecond(now: float, text: str) -> None:
+    assert rfc3339(now) == text
+
+
+@given(st.floats(min_value=0.0, max_value=4102444800.0))
+def test_rfc3339_agrees_with_datetime(now: float) -> None:
+    text = rfc3339(now)
+    assert RFC3339.fullmatch(text), text
+    expected = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert text == expected
+
+
+# ---------------------------------------------------------------------------
+# option names
+
+
+@pytest.mark.parametrize(
+    ("options", "names"),
+    [
+        (Option(0), []),
+        (Option.REUSEADDR, ["reuseaddr"]),
+        (Option.REUSEPORT, ["reuseport"]),
+        (Option.V6ONLY, ["v6only"]),
+        (Option.REUSEADDR | Option.V6ONLY, ["reuseaddr", "v6only"]),
+        (Option.V6ONLY | Option.REUSEPORT, ["reuseport", "v6only"]),
+        (Option(7), ["reuseaddr", "reuseport", "v6only"]),
+    ],
+)
+def test_option_names(options: Option, names: list[str]) -> None:
+    assert option_names(options) == names
