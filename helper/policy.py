@@ -1,0 +1,650 @@
+"""The privsock policy: the model, a strict parser and the decision function. Pure, no I/O.
+
+Format (TOML; policy/README.md has the same with examples)::
+
+    version = 1                  # required, must be 1
+
+    [helper]                     # optional
+    user = "privsock"            # default "privsock"
+    group = "privsock"           # default: the user's name
+
+    [rate_limit]                 # optional
+    rate = 20.0                  # CREATE requests/s, sustained: 0 < rate <= 100000; default 20
+    burst = 40                   # integer, 1-100000; default 40
+
+    [[allow]]                    # zero or more
+    transports = ["udp", "tcp"]  # required
+    ports = [53, "8000-8080"]    # required
+    addresses = ["0.0.0.0/0", "::/0"]  # required
+    options = ["reuseaddr"]      # default []: any of "reuseaddr", "reuseport", "v6only"
+
+    [[deny]]                     # zero or more
+    transports = ["tcp"]         # default ["udp", "tcp"]
+    ports = [22]                 # required
+    addresses = ["10.0.0.0/8"]   # default ["0.0.0.0/0", "::/0"]; no options key
+
+Parsing is strict. Each of these is a PolicyError naming the key path and the problem:
+
+* TOML syntax (with line and column); unknown keys (with the closest known key);
+  wrong types (a boolean is not an integer, an integer is not a string, a table is
+  not an array of tables); missing ``version`` or a version other than 1; missing
+  required keys; empty arrays, except ``options = []`` (the default spelled out).
+* Ports outside 1-65535; range strings other than ``"lo-hi"`` with lo <= hi (a
+  single port is an integer, not ``"53"``); duplicate or overlapping ports.
+* Addresses that are not an address or CIDR with a prefix length (no netmasks, no
+  ``%zone``), have host bits set (``10.0.0.1/8``), repeat a network of the same
+  rule, or are IPv4-mapped (``::ffff:0:0/96``): those would never match, as mapped
+  requests are judged as IPv4. Networks may nest: loopback listed next to
+  0.0.0.0/0 is redundant, not wrong.
+* Unknown or repeated transport or option names (lower case only); ``v6only`` in a
+  rule with no IPv6 network; ``options`` in a deny rule (deny ignores options).
+* User or group names that are not portable POSIX names (``[A-Za-z_][A-Za-z0-9_.-]*``,
+  at most 32 characters: no leading digit, so a name never reads as an id), and
+  ``root`` as either. Only a name can be checked here: whoever resolves the names
+  must also refuse uid 0 and gid 0.
+* A policy with neither allow nor deny rules ("policy grants nothing"), and an allow
+  rule that deny rules cover entirely, for each of its transports, ports and
+  networks ("allow[1] can never match: deny[0] covers it").
+
+Accepted although they look odd: a policy with only deny rules (it refuses
+everything); rules that overlap other rules (two allow rules granting one port; a
+deny rule for a port no allow rule grants, which is defence in depth); burst below
+rate.
+
+Decisions (``decide``), in this order:
+
+1. Normalise the address. An IPv4-mapped IPv6 address ``::ffff:a.b.c.d`` is judged
+   as the IPv4 address ``a.b.c.d``, as the kernel binds it. The IPv6 wildcard ``::``
+   without V6ONLY is dual-stack and receives IPv4 on every address too, so it is
+   judged as both ``::`` and ``0.0.0.0``; each must pass. (The check assumes
+   dual-stack even where the bindv6only sysctl says otherwise: stricter, never looser.)
+2. Deny rules win. A deny rule matches a judged address when the transport is in
+   its transports, the port in one of its ranges, and the address in one of its
+   networks, or when the address is the wildcard of its family (0.0.0.0 or ::) and
+   the rule has any network of that family: a wildcard bind captures the traffic of
+   every address, the denied ones included. Options do not matter. A hit is DENIED
+   with Reason.PORT and names the deny rule.
+3. Otherwise every judged address needs an allow rule whose transports, ports and
+   networks contain it and whose options include every requested option. A wildcard
+   is only allowed by a rule with a network containing the wildcard address itself
+   (0.0.0.0/0, ::/0, 0.0.0.0/32, ...). The decision names the allow rule that allowed
+   the requested address itself (for dual-stack ``::``, the rule for ``::``).
+4. Otherwise default deny. The reason is that of the allow rule that got furthest
+   when its dimensions are checked in the order port, transport, address, options:
+   PORT (no rule has the port; also when there are no allow rules), TRANSPORT,
+   ADDRESS or OPTION. The decision names "default".
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import itertools
+import json
+import math
+import re
+import tomllib
+from dataclasses import dataclass
+from typing import Literal
+
+from privsock.protocol import Option, Reason, Transport
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_DEFAULT_USER = "privsock"
+_DEFAULT_RATE = 20.0
+_DEFAULT_BURST = 40
+_MAX_RATE = 100_000
+_MAX_BURST = 100_000
+
+_TOP_KEYS = ("version", "helper", "rate_limit", "allow", "deny")
+_HELPER_KEYS = ("user", "group")
+_RATE_KEYS = ("rate", "burst")
+_ALLOW_KEYS = ("transports", "ports", "addresses", "options")
+_DENY_KEYS = ("transports", "ports", "addresses")
+
+_TRANSPORTS = {"udp": Transport.UDP, "tcp": Transport.TCP}
+_OPTIONS = {"reuseaddr": Option.REUSEADDR, "reuseport": Option.REUSEPORT, "v6only": Option.V6ONLY}
+
+_ANY_V4 = ipaddress.IPv4Network("0.0.0.0/0")
+_ANY_V6 = ipaddress.IPv6Network("::/0")
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_WILDCARD_V4 = ipaddress.IPv4Address(0)
+_WILDCARD_V6 = ipaddress.IPv6Address(0)
+
+# Portable POSIX names; no leading digit (a numeric name reads as a uid), dot or hyphen.
+_POSIX_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
+# Five digits at most, so int() never meets a huge number; "1-100000" is not a range.
+_PORT_RANGE = re.compile(r"([0-9]{1,5})-([0-9]{1,5})\Z")
+_CIDR = re.compile(r"[0-9A-Fa-f:.]+(/[0-9]{1,3})?\Z")
+_TOML_POSITION = re.compile(r"(.*) \(at (line \d+, column \d+|end of document)\)\Z", re.DOTALL)
+
+
+class PolicyError(ValueError):
+    """An invalid policy. ``str(e)`` is one line: ``<source>: <key path>: <problem>``."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        self.source = source
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{_one_line(source)}: {key}: {problem}")
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    rate: float  # tokens per second
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    index: int
+    kind: Literal["allow", "deny"]
+    transports: frozenset[Transport]
+    ports: tuple[tuple[int, int], ...]  # inclusive ranges, in file order
+    networks: tuple[IPNetwork, ...]
+    options: Option  # what an allow rule permits; Option(0) for deny rules
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}[{self.index}]"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    user: str
+    group: str
+    rate_limit: RateLimit
+    allow: tuple[Rule, ...]
+    deny: tuple[Rule, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: Reason | None  # None when allowed
+    rule: str  # "allow[0]", "deny[1]" or "default"
+
+
+class _Invalid(Exception):
+    """A validation failure before the source is attached."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(key, problem)
+        self.key = key
+        self.problem = problem
+
+
+# ---------------------------------------------------------------------------
+# Parsing
+
+
+def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    """Parse and validate a policy; raises PolicyError and nothing else."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        found = _TOML_POSITION.match(str(e))
+        if found is None:
+            raise PolicyError(source, "document", f"invalid TOML: {_one_line(str(e))}") from None
+        raise PolicyError(source, found[2], f"invalid TOML: {_one_line(found[1])}") from None
+    except ValueError as e:  # int() refusing a number with thousands of digits
+        raise PolicyError(source, "document", f"invalid TOML: {_one_line(str(e))}") from None
+    except RecursionError:
+        raise PolicyError(
+            source, "document", "invalid TOML: arrays or tables nested too deeply"
+        ) from None
+    try:
+        return _policy(document)
+    except _Invalid as e:
+        raise PolicyError(source, e.key, e.problem) from None
+
+
+def _policy(document: dict[str, object]) -> Policy:
+    if "version" not in document:
+        raise _Invalid("version", "missing: a policy starts with version = 1")
+    version = document["version"]
+    if type(version) is not int:
+        raise _Invalid("version", f"must be an integer, not {_kind(version)}")
+    if version != 1:
+        raise _Invalid("version", f"unsupported version {version}: this privsock reads version 1")
+    _check_keys(document, "", _TOP_KEYS)
+
+    helper = _table(document.get("helper", {}), "helper", _HELPER_KEYS)
+    user = _posix_name(helper, "user", _DEFAULT_USER)
+    group = _posix_name(helper, "group", user)
+    limits = _table(document.get("rate_limit", {}), "rate_limit", _RATE_KEYS)
+    rate_limit = RateLimit(_rate(limits), _burst(limits))
+    allow = _rules(document, "allow")
+    deny = _rules(document, "deny")
+    if not allow and not deny:
+        raise _Invalid(
+            "document", "policy grants nothing: it has no [[allow]] and no [[deny]] rules"
+        )
+    for rule in allow:
+        covering = _covering_denies(rule, deny)
+        if covering:
+            names = " and ".join(d.name for d in covering)
+            verb = "covers" if len(covering) == 1 else "cover"
+            raise _Invalid(rule.name, f"{rule.name} can never match: {names} {verb} it")
+    return Policy(user, group, rate_limit, allow, deny)
+
+
+def _table(value: object, key: str, known: tuple[str, ...]) -> dict[str, object]:
+    if not isinstance(value, dict):
+        raise _Invalid(key, f"must be a table, not {_kind(value)}")
+    _check_keys(value, key, known)
+    return value
+
+
+def _check_keys(table: dict[str, object], key: str, known: tuple[str, ...]) -> None:
+    for name in table:
+        if name in known:
+            continue
+        path = _join(key, name)
+        if name == "options" and key.startswith("deny["):
+            raise _Invalid(path, "a deny rule has no options: it matches whatever the options")
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = (
+            f"did you mean {_show(close[0])}?" if close else "expected one of " + ", ".join(known)
+        )
+        raise _Invalid(path, f"unknown key {_show(name)} ({hint})")
+
+
+def _posix_name(helper: dict[str, object], name: str, default: str) -> str:
+    key = f"helper.{name}"
+    value = helper.get(name, default)
+    if not isinstance(value, str):
+        raise _Invalid(key, f"must be a string, not {_kind(value)}")
+    if not _POSIX_NAME.match(value):
+        raise _Invalid(
+            key,
+            f"{_show(value)} is not a valid {name} name "
+            "(letters, digits, _ . -; not starting with a digit, . or -; at most 32 characters)",
+        )
+    if value == "root":
+        raise _Invalid(key, f'{name} "root" is not allowed: the helper must never keep root')
+    return value
+
+
+def _rate(limits: dict[str, object]) -> float:
+    value = limits.get("rate", _DEFAULT_RATE)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Invalid("rate_limit.rate", f"must be a number, not {_kind(value)}")
+    if not (math.isfinite(value) and 0 < value <= _MAX_RATE):
+        raise _Invalid("rate_limit.rate", f"{value!r} is outside 0 < rate <= {_MAX_RATE}")
+    return float(value)
+
+
+def _burst(limits: dict[str, object]) -> int:
+    value = limits.get("burst", _DEFAULT_BURST)
+    if type(value) is not int:
+        raise _Invalid("rate_limit.burst", f"must be an integer, not {_kind(value)}")
+    if not 1 <= value <= _MAX_BURST:
+        raise _Invalid("rate_limit.burst", f"{value} is outside 1-{_MAX_BURST}")
+    return value
+
+
+def _rules(document: dict[str, object], kind: Literal["allow", "deny"]) -> tuple[Rule, ...]:
+    if kind not in document:
+        return ()
+    value = document[kind]
+    if not isinstance(value, list):
+        raise _Invalid(kind, f"must be an array of tables ([[{kind}]]), not {_kind(value)}")
+    if not value:
+        raise _Invalid(kind, f"must not be empty: add [[{kind}]] tables or leave it out")
+    return tuple(_rule(table, kind, index) for index, table in enumerate(value))
+
+
+def _rule(table: object, kind: Literal["allow", "deny"], index: int) -> Rule:
+    key = f"{kind}[{index}]"
+    rule = _table(table, key, _ALLOW_KEYS if kind == "allow" else _DENY_KEYS)
+    for required in ("transports", "ports", "addresses") if kind == "allow" else ("ports",):
+        if required not in rule:
+            raise _Invalid(_join(key, required), f"missing: every [[{kind}]] rule needs it")
+    transports = (
+        _transports(rule["transports"], f"{key}.transports")
+        if "transports" in rule
+        else frozenset(Transport)
+    )
+    ports = _ports(rule["ports"], f"{key}.ports")
+    networks = (
+        _networks(rule["addresses"], f"{key}.addresses")
+        if "addresses" in rule
+        else (_ANY_V4, _ANY_V6)
+    )
+    options = Option(0)
+    if "options" in rule:
+        options = _options(rule["options"], f"{key}.options", networks)
+    return Rule(index, kind, transports, ports, networks, options)
+
+
+def _array(value: object, key: str, *, may_be_empty: bool = False) -> list[object]:
+    if not isinstance(value, list):
+        raise _Invalid(key, f"must be an array, not {_kind(value)}")
+    if not value and not may_be_empty:
+        raise _Invalid(key, "must not be empty")
+    return value
+
+
+def _names(
+    value: object, key: str, known: tuple[str, ...], what: str, *, may_be_empty: bool = False
+) -> list[str]:
+    """Strings from ``known``, each at most once, in file order."""
+    seen: dict[str, int] = {}
+    items = _array(value, key, may_be_empty=may_be_empty)
+    for i, item in enumerate(items):
+        path = f"{key}[{i}]"
+        if not isinstance(item, str):
+            raise _Invalid(path, f"must be a string, not {_kind(item)}")
+        if item not in known:
+            close = difflib.get_close_matches(item.lower(), known, n=1)
+            hint = f"did you mean {_show(close[0])}?" if close else "expected " + ", ".join(known)
+            raise _Invalid(path, f"unknown {what} {_show(item)} ({hint})")
+        if item in seen:
+            raise _Invalid(path, f"duplicate {what} {_show(item)} (also {key}[{seen[item]}])")
+        seen[item] = i
+    return list(seen)
+
+
+def _transports(value: object, key: str) -> frozenset[Transport]:
+    return frozenset(_TRANSPORTS[n] for n in _names(value, key, tuple(_TRANSPORTS), "transport"))
+
+
+def _options(value: object, key: str, networks: tuple[IPNetwork, ...]) -> Option:
+    names = _names(value, key, tuple(_OPTIONS), "option", may_be_empty=True)
+    if "v6only" in names and not any(n.version == 6 for n in networks):
+        raise _Invalid(
+            f"{key}[{names.index('v6only')}]",
+            "v6only needs an IPv6 network in addresses; this rule has only IPv4 ones",
+        )
+    options = Option(0)
+    for name in names:
+        options |= _OPTIONS[name]
+    return options
+
+
+def _ports(value: object, key: str) -> tuple[tuple[int, int], ...]:
+    ranges = [_port_range(item, f"{key}[{i}]") for i, item in enumerate(_array(value, key))]
+    # After sorting by start, any overlap shows up between neighbours.
+    order = sorted(range(len(ranges)), key=lambda i: ranges[i])
+    for a, b in itertools.pairwise(order):
+        if ranges[b][0] <= ranges[a][1]:
+            first, later = min(a, b), max(a, b)
+            what = "duplicates" if ranges[a] == ranges[b] else "overlaps"
+            shown = f"{_show_range(ranges[later])} {what} {_show_range(ranges[first])}"
+            raise _Invalid(f"{key}[{later}]", f"{shown} ({key}[{first}])")
+    return tuple(ranges)
+
+
+def _port_range(item: object, key: str) -> tuple[int, int]:
+    if isinstance(item, str):
+        found = _PORT_RANGE.match(item)
+        if found is None:
+            if item.isdecimal():
+                raise _Invalid(key, f"write a single port as an integer ({item}), not a string")
+            raise _Invalid(key, f'{_show(item)} is not a "lo-hi" port range such as "8000-8080"')
+        low, high = int(found[1]), int(found[2])
+        _check_port(low, key)
+        _check_port(high, key)
+        if low > high:
+            raise _Invalid(key, f'range "{low}-{high}" is reversed (write "{high}-{low}")')
+        return low, high
+    if type(item) is not int:
+        raise _Invalid(key, f'must be an integer or a "lo-hi" string, not {_kind(item)}')
+    _check_port(item, key)
+    return item, item
+
+
+def _check_port(port: int, key: str) -> None:
+    if not 1 <= port <= 65535:
+        raise _Invalid(key, f"port {port} is outside 1-65535")
+
+
+def _networks(value: object, key: str) -> tuple[IPNetwork, ...]:
+    # Nested networks are accepted (loopback listed next to 0.0.0.0/0 reads well and
+    # changes nothing); the same network twice is a mistake.
+    seen: dict[IPNetwork, int] = {}
+    for i, item in enumerate(_array(value, key)):
+        network = _network(item, f"{key}[{i}]")
+        if network in seen:
+            raise _Invalid(
+                f"{key}[{i}]", f"{_show(str(item))} duplicates {key}[{seen[network]}] ({network})"
+            )
+        seen[network] = i
+    return tuple(seen)
+
+
+def _network(item: object, key: str) -> IPNetwork:
+    if not isinstance(item, str):
+        raise _Invalid(key, f"must be a string, not {_kind(item)}")
+    if "%" in item:
+        raise _Invalid(key, f"{_show(item)}: scoped addresses (%zone) are not supported")
+    if not _CIDR.match(item):
+        raise _Invalid(key, f"{_show(item)} is not an address or CIDR such as 10.0.0.0/8")
+    try:
+        network = ipaddress.ip_network(item, strict=True)
+    except ValueError:
+        try:
+            loose = ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise _Invalid(key, f"{_show(item)} is not a valid IPv4 or IPv6 network") from None
+        raise _Invalid(key, f"{_show(item)} has host bits set (did you mean {loose}?)") from None
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
+        v4 = ipaddress.IPv4Network(
+            (int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96)
+        )
+        raise _Invalid(
+            key,
+            f"IPv4-mapped {_show(item)} would never match: mapped requests are judged as "
+            f"IPv4; write {v4}",
+        )
+    return network
+
+
+def _covering_denies(rule: Rule, deny: tuple[Rule, ...]) -> list[Rule]:
+    """The deny rules that together refuse everything ``rule`` allows, or [] if any of
+    it gets through."""
+    used: set[int] = set()
+    for transport in rule.transports:
+        denies = [d for d in deny if transport in d.transports]
+        for low, high in rule.ports:
+            # Cut [low, high] at every deny range boundary: each piece is then inside or
+            # outside every deny range, so coverage is decided piece by piece.
+            cuts = {low, high + 1}
+            cuts.update(
+                b for d in denies for lo, hi in d.ports for b in (lo, hi + 1) if low < b <= high
+            )
+            edges = sorted(cuts)
+            for start, stop in itertools.pairwise(edges):
+                over = [
+                    d for d in denies if any(lo <= start and stop - 1 <= hi for lo, hi in d.ports)
+                ]
+                for network in rule.networks:
+                    if not _covered(network, [n for d in over for n in d.networks]):
+                        return []
+                    used.update(d.index for d in over if _denies_some(d, network))
+    return [d for d in deny if d.index in used]
+
+
+def _only_wildcard(network: IPNetwork) -> bool:
+    return network.prefixlen == network.max_prefixlen and network.network_address.is_unspecified
+
+
+def _denies_some(deny: Rule, network: IPNetwork) -> bool:
+    if _only_wildcard(network):
+        return any(n.version == network.version for n in deny.networks)
+    return any(n.overlaps(network) for n in deny.networks)
+
+
+def _covered(network: IPNetwork, by: list[IPNetwork]) -> bool:
+    if _only_wildcard(network):
+        # Any denied network of its family denies the wildcard (see decide).
+        return any(n.version == network.version for n in by)
+    # collapse_addresses merges adjacent blocks, so a block inside the union of
+    # ``by`` is inside one collapsed block.
+    if isinstance(network, ipaddress.IPv4Network):
+        v4 = [n for n in by if isinstance(n, ipaddress.IPv4Network)]
+        return any(network.subnet_of(c) for c in ipaddress.collapse_addresses(v4))
+    v6 = [n for n in by if isinstance(n, ipaddress.IPv6Network)]
+    return any(network.subnet_of(c) for c in ipaddress.collapse_addresses(v6))
+
+
+# ---------------------------------------------------------------------------
+# Deciding
+
+# How far a request got into an allow rule; a later entry got further.
+_PROGRESS = (Reason.PORT, Reason.TRANSPORT, Reason.ADDRESS, Reason.OPTION)
+
+
+def decide(
+    policy: Policy, transport: Transport, address: IPAddress, port: int, options: Option
+) -> Decision:
+    """Judge one CREATE request; the rules are in the module docstring."""
+    judged = _judged_as(address, options)
+    for rule in policy.deny:
+        if any(_deny_matches(rule, transport, a, port) for a in judged):
+            return Decision(False, Reason.PORT, rule.name)
+    granted: list[Rule] = []
+    for a in judged:
+        furthest = Reason.PORT
+        for rule in policy.allow:
+            miss = _allow_miss(rule, transport, a, port, options)
+            if miss is None:
+                granted.append(rule)
+                break
+            furthest = max(furthest, miss, key=_PROGRESS.index)
+        else:
+            return Decision(False, furthest, "default")
+    return Decision(True, None, granted[0].name)
+
+
+def _judged_as(address: IPAddress, options: Option) -> tuple[IPAddress, ...]:
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return (address.ipv4_mapped,)
+        if address == _WILDCARD_V6 and not options & Option.V6ONLY:
+            return (_WILDCARD_V6, _WILDCARD_V4)
+    return (address,)
+
+
+def _has_port(rule: Rule, port: int) -> bool:
+    return any(low <= port <= high for low, high in rule.ports)
+
+
+def _deny_matches(rule: Rule, transport: Transport, address: IPAddress, port: int) -> bool:
+    if transport not in rule.transports or not _has_port(rule, port):
+        return False
+    if address.is_unspecified:
+        return any(n.version == address.version for n in rule.networks)
+    return any(address in n for n in rule.networks)
+
+
+def _allow_miss(
+    rule: Rule, transport: Transport, address: IPAddress, port: int, options: Option
+) -> Reason | None:
+    """The first dimension in which ``rule`` does not allow the request, or None."""
+    if not _has_port(rule, port):
+        return Reason.PORT
+    if transport not in rule.transports:
+        return Reason.TRANSPORT
+    if not any(address in n for n in rule.networks):
+        return Reason.ADDRESS
+    if options & ~rule.options:
+        return Reason.OPTION
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Describing
+
+
+def describe(policy: Policy) -> list[str]:
+    """What the policy grants and denies, one human line each, for check-policy."""
+    rate = policy.rate_limit.rate
+    lines = [
+        f"runs as user {policy.user}, group {policy.group}",
+        f"rate limit: {int(rate) if rate.is_integer() else rate} CREATE requests per second "
+        f"sustained, bursts of up to {policy.rate_limit.burst}",
+    ]
+    for rule in policy.allow:
+        options = ", ".join(n for n, o in _OPTIONS.items() if o in rule.options) or "none"
+        wildcards = [w for w in (_WILDCARD_V4, _WILDCARD_V6) if any(w in n for n in rule.networks)]
+        line = f"{rule.name}: allows {_scope(rule)}; options: {options}"
+        if wildcards:
+            line += "; includes wildcard binds to " + " and ".join(map(str, wildcards))
+        lines.append(line)
+    for rule in policy.deny:
+        line = f"{rule.name}: denies {_scope(rule)}, whatever the options"
+        # Spell out what a deny rule means for wildcard binds where its networks do not
+        # say it: any network of a family denies that family's wildcard, and an IPv4
+        # one also denies dual-stack ::, which receives IPv4.
+        v4 = [n for n in rule.networks if n.version == 4]
+        v6 = [n for n in rule.networks if n.version == 6]
+        implied: list[str] = []
+        if v4 and not any(_WILDCARD_V4 in n for n in v4):
+            implied.append(str(_WILDCARD_V4))
+        if v6 and not any(_WILDCARD_V6 in n for n in v6):
+            implied.append(str(_WILDCARD_V6))
+        elif v4 and not v6:
+            implied.append("dual-stack ::")
+        if implied:
+            line += "; this also denies wildcard binds to " + " and ".join(implied)
+        lines.append(line)
+    if policy.allow:
+        lines.append("everything else is denied; deny rules win over allow rules")
+    else:
+        lines.append("grants nothing: there are no allow rules, so every request is denied")
+    return lines
+
+
+def _scope(rule: Rule) -> str:
+    transports = "+".join(n for n, t in _TRANSPORTS.items() if t in rule.transports)
+    ports = ", ".join(_show_range(r) for r in rule.ports)
+    plural = "s" if len(rule.ports) > 1 or rule.ports[0][0] != rule.ports[0][1] else ""
+    if _ANY_V4 in rule.networks and _ANY_V6 in rule.networks:
+        where = "any address"
+    else:
+        where = ", ".join(map(str, rule.networks))
+    return f"{transports} port{plural} {ports} on {where}"
+
+
+# ---------------------------------------------------------------------------
+# Message helpers: values from the file are quoted and cut, so a message stays one line.
+
+
+def _show(value: str) -> str:
+    text = json.dumps(value)  # ASCII only: escapes newlines and every other separator
+    return text if len(text) <= 40 else text[:36] + '..."'
+
+
+def _show_range(ports: tuple[int, int]) -> str:
+    low, high = ports
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def _one_line(text: str) -> str:
+    return text if text.isprintable() else json.dumps(text)
+
+
+def _join(key: str, name: str) -> str:
+    shown = name if _BARE_KEY.match(name) else _show(name)
+    return f"{key}.{shown}" if key else shown
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date or time"
