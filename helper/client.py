@@ -9,6 +9,7 @@ answering, is killed: it is not trusted further.
 from __future__ import annotations
 
 import array
+import atexit
 import collections
 import ipaddress
 import os
@@ -18,7 +19,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from typing import IO, Any, NoReturn
 
 from privsock import audit, protocol
@@ -58,6 +60,33 @@ class HelperRestartLimit(HelperDied):
 class FdNotReceived(CreatorError):
     """The helper sent a socket, but the kernel could not install it here
     (MSG_CTRUNC: usually this process is out of file descriptors)."""
+
+
+# Every creator with a running helper, so that a normal interpreter exit
+# (sys.exit, SystemExit from shutdown_on_signals) closes and reaps them all.
+_LIVE: weakref.WeakSet[SocketCreator] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live() -> None:
+    for creator in list(_LIVE):
+        creator.close()
+
+
+def shutdown_on_signals(
+    signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> None:
+    """Make SIGTERM and SIGINT end this process by a normal exit (SystemExit with
+    status 128+signal), so ``with`` blocks, ``finally`` and atexit run and every
+    helper is closed and reaped: none is left as a zombie or an orphan. Without
+    it SIGTERM kills the boss outright, and its helpers die only by their
+    parent-death signal. Call it from the main thread."""
+
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in signals:
+        signal.signal(sig, _exit)
 
 
 def default_helper_argv() -> list[str]:
@@ -157,6 +186,7 @@ class SocketCreator:
         finally:
             theirs.close()
         self._chan = ours
+        _LIVE.add(self)
         self._messages.clear()
         assert self._proc.stderr is not None
         self._reader = threading.Thread(
@@ -176,6 +206,7 @@ class SocketCreator:
         proc, chan = self._proc, self._chan
         self._chan = None
         self._closed = True
+        _LIVE.discard(self)
         if chan is not None:
             chan.close()
         if proc is None:

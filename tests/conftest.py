@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from privsock.client import SocketCreator
 
 REPO = Path(__file__).resolve().parent.parent

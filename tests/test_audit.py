@@ -10,6 +10,7 @@ import re
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from privsock.audit import FIELDS, encode, option_names, parse, record, rfc3339
 from privsock.protocol import Option, Transport, create, ping
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from privsock import protocol
 from privsock.client import HelperRestartLimit, SocketCreator
 from privsock.errors import (

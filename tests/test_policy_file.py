@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from privsock.exitcodes import Exit
 from privsock.privileged.policy_file import MAX_POLICY_BYTES, PolicyFileError, load_policy
 

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from privsock.procstatus import (
     CAP_NET_BIND_SERVICE,
     CAP_SETS,

@@ -9,6 +9,7 @@ import itertools
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from privsock.protocol import (
     ALL_OPTIONS,
     MAGIC,

@@ -12,6 +12,7 @@ import math
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from privsock.ratelimit import TokenBucket
 
 

@@ -23,6 +23,7 @@ import resource
 import signal
 
 import prctl
+
 from privsock.exitcodes import Exit
 from privsock.procstatus import CAP_NET_BIND_SERVICE
 

@@ -1,0 +1,90 @@
+"""`privsock check-policy` and `privsock inspect`, run as real commands."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from privsock.client import SocketCreator
+from privsock.exitcodes import Exit
+
+from .conftest import DEFAULT_POLICY
+
+
+def privsock(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "from privsock.cli import main; main()", *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_check_policy_accepts_the_default_and_explains_it() -> None:
+    result = privsock("check-policy", str(DEFAULT_POLICY))
+    assert result.returncode == Exit.OK, result.stderr
+    assert "OK" in result.stdout
+    assert "port 53" in result.stdout and "port 22" in result.stdout
+    assert "runs as user privsock" in result.stdout
+
+
+def test_check_policy_gives_the_helpers_verdict_on_an_insecure_file(test_policy: Path) -> None:
+    test_policy.chmod(0o646)
+    result = privsock("check-policy", str(test_policy))
+    assert result.returncode == Exit.CONFIG
+    assert result.stderr.startswith("privsock: REFUSED: ")
+    assert "writable by other" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_check_policy_names_the_bad_key(policy_factory: Callable[[str], Path]) -> None:
+    path = policy_factory("version = 1\n[rate_limit]\nrate = -1\nburst = 3\n")
+    result = privsock("check-policy", str(path))
+    assert result.returncode == Exit.DATAERR
+    assert "rate_limit.rate" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_policy_missing_file() -> None:
+    result = privsock("check-policy", "/nonexistent/policy.toml")
+    assert result.returncode == Exit.NOINPUT
+    assert "No such file" in result.stderr
+
+
+@pytest.mark.root
+def test_inspect_says_a_running_helper_is_hardened(creator: SocketCreator) -> None:
+    assert creator.pid is not None
+    result = privsock("inspect", str(creator.pid))
+    assert result.returncode == Exit.OK, result.stdout
+    assert "verdict   hardened" in result.stdout
+    assert "CapEff    0000000000000400 cap_net_bind_service" in result.stdout
+    assert "NoNewPrivs 1" in result.stdout
+    assert "Seccomp   2" in result.stdout
+
+
+def test_inspect_says_this_process_is_not_hardened() -> None:
+    result = privsock("inspect", str(os.getpid()))
+    assert result.returncode == 1
+    assert "NOT hardened" in result.stdout
+    assert "NoNewPrivs is not set" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["inspect", "abc"], Exit.USAGE, "is not a process id"),
+        (["inspect", "0"], Exit.USAGE, "is not a process id"),
+        (["inspect", "999999999"], Exit.NOINPUT, "no process 999999999"),
+        ([], Exit.USAGE, "required: command"),
+        (["frobnicate"], Exit.USAGE, "invalid choice"),
+        (["check-policy"], Exit.USAGE, "required: file"),
+    ],
+)
+def test_bad_arguments_get_one_line_and_a_usage(args: list[str], code: int, message: str) -> None:
+    result = privsock(*args)
+    assert result.returncode == code
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
