@@ -422,3 +422,64 @@ def test_seccomp_kill_is_not_restarted_automatically(creator: SocketCreator) -> 
         creator.ping()
     creator.restart()
     creator.ping()
+
+
+# -- what the start-up sequence guarantees ----------------------------------------
+
+
+def test_inherited_fds_are_closed_before_serving(root: None, test_policy: Path) -> None:
+    r, w = os.pipe()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-m", "privsock.privileged.main", "--policy", str(test_policy)],
+        stdin=theirs, stderr=subprocess.DEVNULL, pass_fds=(w,),
+    )  # fmt: skip
+    theirs.close()
+    try:
+        ours.settimeout(10)
+        ours.send(protocol.encode_request(protocol.ping(1)))
+        assert protocol.decode_reply(ours.recv(64)).status is Status.OK
+        assert sorted(map(int, os.listdir(f"/proc/{proc.pid}/fd"))) == [0, 2]
+        os.close(w)
+        w = -1
+        assert os.read(r, 1) == b""  # no copy of the write end is left in the helper
+    finally:
+        ours.close()
+        proc.wait(timeout=10)
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def test_rlimits_forbid_core_dumps_processes_and_more_fds(creator: SocketCreator) -> None:
+    limits = Path(f"/proc/{creator.pid}/limits").read_text().splitlines()
+    table = {line[:26].strip(): line[26:].split()[:2] for line in limits[1:]}
+    assert table["Max core file size"] == ["0", "0"]
+    assert table["Max processes"] == ["0", "0"]
+    assert table["Max open files"] == ["8", "8"]
+    assert table["Max locked memory"] == ["0", "0"]
+
+
+SKIP_DROP = """
+import os, sys
+from privsock.privileged import drop, main
+drop.switch_user = lambda uid, gid: None  # a drop that silently did nothing
+os._exit(main.run(["--policy", sys.argv[1]]))
+"""
+
+
+def test_helper_that_cannot_prove_its_hardening_does_not_serve(
+    root: None, test_policy: Path
+) -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        result = subprocess.run(
+            [sys.executable, "-I", "-c", SKIP_DROP, str(test_policy)],
+            stdin=theirs, capture_output=True, timeout=30, check=False,
+        )  # fmt: skip
+        ours.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            ours.recv(64)  # it never answered anything
+    assert result.returncode == Exit.OSERR
+    assert b"not hardened as promised, refusing to serve" in result.stderr
+    assert b"a uid is 0" in result.stderr
