@@ -1,0 +1,258 @@
+"""SocketAllocator: the boss's cache of bound sockets, so a port is bound once
+and shared (the design note's "mini-database of bound ports").
+
+The cache keeps one original socket per (transport, family, address, port,
+options). Every get hands out a new dup, owned by one holder; a release closes
+that dup, and the last release of a key closes the original too. So at any
+time this allocator holds exactly one fd per cached key plus one per live
+reference, and nothing else.
+
+Share modes are BIND 10's: each reference says who else may hold the same
+socket. A request is granted only if the newcomer accepts every current
+holder and every current holder accepts the newcomer:
+
+* ``Share.NO``: nobody else, not even the same application;
+* ``Share.SAMEAPP``: only holders with the same application name;
+* ``Share.ANY``: anybody (who accepts us in turn).
+
+A refused request raises ShareError and changes nothing. The allocator is
+thread-safe; it never closes the SocketCreator it was given.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import threading
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+from privsock import protocol
+from privsock.client import SocketCreator, describe, parse_address, parse_transport
+from privsock.errors import CreatorError
+from privsock.protocol import Option, Transport
+
+
+class Share(enum.Enum):
+    NO = "no"
+    SAMEAPP = "sameapp"
+    ANY = "any"
+
+
+class ShareError(CreatorError):
+    """The socket is held under a share mode that refuses this request."""
+
+
+class PairError(CreatorError):
+    """get_bound_pair failed; ``cause`` is the error of the half that failed.
+    Nothing of the pair is held any more."""
+
+    def __init__(self, message: str, cause: CreatorError) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+Key = tuple[Transport, int, protocol.IPAddress, int, Option]
+
+
+@dataclass(frozen=True, slots=True)
+class _Ref:
+    holder: Hashable
+    app: str
+    share: Share
+
+    def accepts(self, other: _Ref) -> bool:
+        if self.share is Share.ANY:
+            return True
+        return self.share is Share.SAMEAPP and self.app == other.app
+
+
+@dataclass(slots=True)
+class _Entry:
+    original: socket.socket
+    refs: dict[int, tuple[socket.socket, _Ref]] = field(default_factory=dict)  # id(dup) ->
+
+
+def _key(
+    transport: str | Transport,
+    address: str | protocol.IPAddress,
+    port: int,
+    reuseaddr: bool,
+    reuseport: bool,
+    v6only: bool,
+) -> Key:
+    tr, addr = parse_transport(transport), parse_address(address)
+    options = Option(0)
+    if reuseaddr:
+        options |= Option.REUSEADDR
+    if reuseport:
+        options |= Option.REUSEPORT
+    if v6only:
+        options |= Option.V6ONLY
+    # Refuse here what the helper would call malformed, before the cache is touched.
+    protocol.encode_request(protocol.create(1, tr, addr, port, options))
+    return tr, addr.version, addr, port, options
+
+
+def _what(key: Key) -> str:
+    return describe(key[0], key[2], key[3])
+
+
+class SocketAllocator:
+    def __init__(self, creator: SocketCreator) -> None:
+        self.creator = creator
+        self._entries: dict[Key, _Entry] = {}
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> SocketAllocator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def get_bound_socket(
+        self,
+        transport: str | Transport,
+        address: str | protocol.IPAddress,
+        port: int,
+        *,
+        reuseaddr: bool = False,
+        reuseport: bool = False,
+        v6only: bool = False,
+        share: Share = Share.NO,
+        app: str = "",
+        holder: Hashable = None,
+    ) -> socket.socket:
+        """A dup of the cached socket for this key, or of a new one from the
+        helper. ``holder`` (default: ``app``) names who holds the reference,
+        for release_holder. Release it with release_bound_socket."""
+        key = _key(transport, address, port, reuseaddr, reuseport, v6only)
+        ref = _Ref(app if holder is None else holder, app, Share(share))
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._check_share(key, entry, ref)
+                return self._hand_out(key, entry, ref)
+            original = self.creator.create(
+                key[0], key[2], key[3], reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only
+            )
+            entry = _Entry(original)
+            self._entries[key] = entry
+            try:
+                return self._hand_out(key, entry, ref)
+            except BaseException:
+                del self._entries[key]
+                original.close()
+                raise
+
+    def get_bound_pair(
+        self,
+        address: str | protocol.IPAddress,
+        port: int,
+        *,
+        reuseaddr: bool = False,
+        reuseport: bool = False,
+        v6only: bool = False,
+        share: Share = Share.NO,
+        app: str = "",
+        holder: Hashable = None,
+    ) -> tuple[socket.socket, socket.socket]:
+        """UDP and TCP on the same address and port, both or neither: if the TCP
+        half fails, the UDP half is released and PairError names both."""
+        opts = {"reuseaddr": reuseaddr, "reuseport": reuseport, "v6only": v6only}
+        udp_key = _key("udp", address, port, **opts)  # ValueError: a caller's bug
+        pair = f"{_what(udp_key)} + {_what((Transport.TCP, *udp_key[1:]))}"
+        with self._lock:
+            try:
+                udp = self.get_bound_socket(
+                    "udp", address, port, share=share, app=app, holder=holder, **opts
+                )
+            except CreatorError as exc:
+                raise PairError(f"{pair}: udp failed, tcp not tried: {exc}", exc) from exc
+            try:
+                tcp = self.get_bound_socket(
+                    "tcp", address, port, share=share, app=app, holder=holder, **opts
+                )
+            except CreatorError as exc:
+                self.release_bound_socket(udp)
+                raise PairError(f"{pair}: tcp failed, udp released: {exc}", exc) from exc
+        return udp, tcp
+
+    def release_bound_socket(self, sock: socket.socket) -> None:
+        """Drop the reference ``sock`` (a socket this allocator handed out):
+        close it, and close the cached socket when it was the last reference."""
+        with self._lock:
+            for key, entry in self._entries.items():
+                if id(sock) in entry.refs and entry.refs[id(sock)][0] is sock:
+                    self._drop(key, entry, [id(sock)])
+                    return
+        raise ValueError("not a socket this allocator handed out, or already released")
+
+    def release_holder(self, holder: Hashable) -> int:
+        """Drop every reference of ``holder`` (e.g. a child server that died).
+        Returns how many were dropped."""
+        return self._release_where(lambda ref: ref.holder == holder)
+
+    def release_app(self, app: str) -> int:
+        """Drop every reference taken under application name ``app``."""
+        return self._release_where(lambda ref: ref.app == app)
+
+    def close(self) -> None:
+        """Close every reference still held and every cached socket."""
+        self._release_where(lambda ref: True)
+
+    def refcount(
+        self,
+        transport: str | Transport,
+        address: str | protocol.IPAddress,
+        port: int,
+        *,
+        reuseaddr: bool = False,
+        reuseport: bool = False,
+        v6only: bool = False,
+    ) -> int:
+        """Live references to the cached socket for this key (0: not cached)."""
+        key = _key(transport, address, port, reuseaddr, reuseport, v6only)
+        with self._lock:
+            entry = self._entries.get(key)
+            return len(entry.refs) if entry else 0
+
+    def __len__(self) -> int:
+        """The number of cached (original) sockets."""
+        with self._lock:
+            return len(self._entries)
+
+    # -- internals ----------------------------------------------------------
+
+    def _check_share(self, key: Key, entry: _Entry, ref: _Ref) -> None:
+        for _, held in entry.refs.values():
+            if not (held.accepts(ref) and ref.accepts(held)):
+                by = f"application {held.app!r}" if held.app else "another holder"
+                raise ShareError(
+                    f"{_what(key)}: held by {by} with share={held.share.value}; "
+                    f"refused for application {ref.app!r} with share={ref.share.value}"
+                )
+
+    @staticmethod
+    def _hand_out(key: Key, entry: _Entry, ref: _Ref) -> socket.socket:
+        dup = entry.original.dup()
+        entry.refs[id(dup)] = (dup, ref)
+        return dup
+
+    def _drop(self, key: Key, entry: _Entry, ids: list[int]) -> None:
+        for ident in ids:
+            dup, _ = entry.refs.pop(ident)
+            dup.close()
+        if not entry.refs:
+            del self._entries[key]
+            entry.original.close()
+
+    def _release_where(self, match: Callable[[_Ref], bool]) -> int:
+        dropped = 0
+        with self._lock:
+            for key, entry in list(self._entries.items()):
+                ids = [ident for ident, (_, ref) in entry.refs.items() if match(ref)]
+                if ids:
+                    self._drop(key, entry, ids)
+                    dropped += len(ids)
+        return dropped
