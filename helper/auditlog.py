@@ -1,0 +1,105 @@
+"""Where the boss writes audit lines: stderr, a file, or syslog.
+
+The line format is privsock.audit (docs/audit-log.md documents it for auditors).
+A sink is a callable taking one record; ``open_sink("stderr" | "file:PATH" |
+"syslog")`` builds one from the command line's ``--audit-log`` value. Every
+line is written and flushed as it comes, so a crash loses none already logged.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import syslog
+import threading
+from typing import Any, TextIO
+
+from privsock import audit
+
+SPEC_HELP = "stderr, file:PATH or syslog"
+
+# Grants and pongs are routine; everything else is worth a look.
+_ROUTINE = frozenset({"granted", "pong"})
+
+
+class AuditLogError(ValueError):
+    """A bad --audit-log value, or a log file that cannot be opened."""
+
+
+class StreamSink:
+    """One JSON line per record on a text stream (stderr by default)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()  # the helper's lines come from a reader thread
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        stream = self._stream or sys.stderr
+        with self._lock:
+            stream.write(audit.encode(rec).decode("ascii"))
+            stream.flush()
+
+    def close(self) -> None:
+        pass  # not ours to close
+
+
+class FileSink:
+    """Appends one JSON line per record to a file, each with one write(2), so
+    lines from several processes appending to the same file do not interleave.
+    The file is created 0640 and never followed through a symlink."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            self._fd: int | None = os.open(path, flags, 0o640)
+        except OSError as exc:
+            why = "it is a symlink" if exc.errno == errno.ELOOP else exc.strerror
+            raise AuditLogError(f"cannot open audit log {path}: {why}") from None
+        self._lock = threading.Lock()
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        line = audit.encode(rec)
+        with self._lock:
+            if self._fd is None:
+                raise ValueError(f"audit log {self.path} is closed")
+            os.write(self._fd, line)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+class SyslogSink:
+    """Each record as one syslog message (the JSON line without its newline),
+    ident "privsock", facility AUTHPRIV: grants at INFO, the rest at WARNING."""
+
+    def __init__(self, facility: int = syslog.LOG_AUTHPRIV) -> None:
+        syslog.openlog("privsock", syslog.LOG_PID, facility)
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        priority = syslog.LOG_INFO if rec.get("decision") in _ROUTINE else syslog.LOG_WARNING
+        syslog.syslog(priority, audit.encode(rec).decode("ascii").rstrip("\n"))
+
+    def close(self) -> None:
+        syslog.closelog()
+
+
+Sink = StreamSink | FileSink | SyslogSink
+
+
+def open_sink(spec: str) -> Sink:
+    """The sink for an --audit-log value; AuditLogError (one line) if it is bad."""
+    if spec == "stderr":
+        return StreamSink()
+    if spec == "syslog":
+        return SyslogSink()
+    if spec.startswith("file:"):
+        path = spec[len("file:") :]
+        if not path:
+            raise AuditLogError("--audit-log file: needs a path, as in file:/var/log/privsock.log")
+        return FileSink(path)
+    raise AuditLogError(f"--audit-log {spec!r}: expected {SPEC_HELP}")
