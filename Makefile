@@ -47,7 +47,8 @@ audit-fast: bootstrap-containers
 	$(PY) threat-model/audit.py --fast
 
 ## Benchmarks: ratios against baselines measured in the same run.
-bench: bootstrap
+bench:
+	@scripts/bootstrap --bench
 	$(PY) bench/run.py
 
 ## Coverage-guided fuzzing and the live-helper fuzzer (FUZZ_SECONDS per target).
