@@ -2,6 +2,9 @@
 
     privsock check-policy FILE   the helper's verdict on a policy, and what it grants
     privsock inspect PID         is that process hardened as privsock promises?
+    privsock exec --policy FILE --user USER --listen tcp:0.0.0.0:80 ... -- CMD ARGS
+                                 bind through the helper, drop to USER with no
+                                 privilege, exec CMD with the sockets (LISTEN_FDS)
 
 Errors a user can cause print one line (`privsock: ...`) and exit with a
 sysexits code; never a traceback.
@@ -14,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from privsock import auditlog, dropall, execcmd
 from privsock.exitcodes import Exit
 from privsock.policy import describe
 from privsock.privileged.policy_file import PolicyFileError, load_policy
@@ -33,6 +37,63 @@ def _pid(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a process id")
     return int(text)
+
+
+def _listen(text: str) -> execcmd.Listen:
+    try:
+        return execcmd.parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _name(text: str) -> str:
+    try:
+        return execcmd.check_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _backlog(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a backlog in 1-65535")
+    return int(text)
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    listens: list[execcmd.Listen] = args.listen
+    if args.name and len(args.name) != len(listens):
+        raise UsageError(
+            f"exec: {len(args.name)} --name for {len(listens)} --listen; "
+            "give one --name per --listen, in the same order, or none"
+        )
+    if len(set(listens)) != len(listens):
+        raise UsageError("exec: the same --listen is given twice")
+    names = args.name or [listen.default_name for listen in listens]
+    try:
+        target = dropall.resolve(args.user, args.group)
+        execcmd.find_command(args.command)
+        sink = auditlog.open_sink(args.audit_log)
+    except dropall.DropError as exc:
+        print(f"privsock: exec: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except execcmd.ExecError as exc:
+        print(f"privsock: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except auditlog.AuditLogError as exc:
+        raise UsageError(f"exec: {exc}") from None
+    try:
+        execcmd.run(
+            policy=args.policy, target=target, listens=listens, names=names,
+            command=args.command, backlog=args.backlog, reuseaddr=args.reuseaddr, sink=sink,
+        )  # fmt: skip
+    except dropall.DropError as exc:
+        print(f"privsock: exec: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except execcmd.ExecError as exc:
+        print(f"privsock: exec: {exc}; nothing was started", file=sys.stderr)
+        return exc.exit_code
+    finally:
+        sink.close()
 
 
 def cmd_check_policy(args: argparse.Namespace) -> int:
@@ -84,6 +145,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="check that a running process is hardened")
     p.add_argument("pid", type=_pid)
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser(
+        "exec", help="bind sockets through the helper, then run CMD on them as USER",
+        description="Get each --listen socket from the helper, listen() on the TCP ones, "
+        "stop the helper, drop to USER with no capabilities and no_new_privs, and exec CMD "
+        "with the sockets at fd 3 onwards (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES).",
+    )  # fmt: skip
+    p.add_argument("--policy", required=True, metavar="FILE", help="the helper's policy file")
+    p.add_argument("--user", required=True, help="run CMD as this user (name or uid)")
+    p.add_argument("--group", help="and this group (default: USER's primary group)")
+    p.add_argument("--listen", action="append", required=True, type=_listen, metavar="SPEC",
+                   help="udp:127.0.0.1:53, tcp:[::]:80, ... (numeric addresses only); "
+                   "repeat for more sockets")  # fmt: skip
+    p.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        type=_name,
+        help="LISTEN_FDNAMES entry, one per --listen (default tcp-80 style)",
+    )
+    p.add_argument("--backlog", type=_backlog, default=128, help="listen() backlog (128)")
+    p.add_argument(
+        "--no-reuseaddr",
+        dest="reuseaddr",
+        action="store_false",
+        help="do not ask for SO_REUSEADDR on TCP sockets",
+    )
+    p.add_argument(
+        "--audit-log",
+        default="stderr",
+        metavar="DEST",
+        help=f"where audit lines go: {auditlog.SPEC_HELP} (default stderr)",
+    )
+    p.add_argument("command", nargs="*", metavar="-- CMD ARGS")
+    p.set_defaults(func=cmd_exec)
     return parser
 
 

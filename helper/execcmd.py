@@ -1,0 +1,231 @@
+"""``privsock exec``: bind sockets through the helper, then become an ordinary
+user and exec a server on them, by the systemd socket-activation convention.
+
+The five steps, in this order, each failing closed:
+
+1. start the helper and get every socket; any failure ends the run with one
+   line naming the socket and why, and nothing is started;
+2. listen() on the TCP sockets (``--backlog``), as systemd does for streams;
+3. stop the helper (the boss keeps no line to it across the exec);
+4. drop to USER/GROUP with no capability in any set and no_new_privs, and
+   check /proc/thread-self/status (privsock.dropall);
+5. exec CMD with the sockets at fds 3, 4, ... in --listen order, LISTEN_FDS,
+   LISTEN_PID (our own pid: exec keeps it), LISTEN_FDNAMES; stdio unchanged,
+   every other fd closed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+from privsock import dropall, protocol
+from privsock.auditlog import Sink
+from privsock.client import SocketCreator, describe
+from privsock.errors import (
+    CreatorError,
+    CreatorOSError,
+    HelperStartError,
+    PolicyDenied,
+    RateLimited,
+)
+from privsock.exitcodes import Exit
+from privsock.protocol import Transport
+
+SD_LISTEN_FDS_START = 3
+EX_UNAVAILABLE = 69  # sysexits: the address is in use or cannot be bound
+EX_TEMPFAIL = 75  # sysexits: rate limited, try again later
+CANNOT_EXECUTE = 126  # as env(1), nohup(1), the shell
+NOT_FOUND = 127
+
+
+class ExecError(Exception):
+    """Ends ``privsock exec`` with one line and an exit code."""
+
+    def __init__(self, exit_code: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    transport: Transport
+    address: protocol.IPAddress
+    port: int
+
+    def __str__(self) -> str:
+        return describe(self.transport, self.address, self.port)
+
+    @property
+    def default_name(self) -> str:
+        return f"{self.transport.name.lower()}-{self.port}"
+
+
+def parse_listen(spec: str) -> Listen:
+    """``udp:127.0.0.1:53``, ``tcp:[::]:53``: a transport, a numeric address
+    (IPv6 in brackets) and a port. ValueError with the reason otherwise."""
+    form = "expected TRANSPORT:ADDRESS:PORT, as in tcp:0.0.0.0:80 or udp:[::1]:53"
+    transport, sep, rest = spec.partition(":")
+    if not sep:
+        raise ValueError(f"{spec!r}: {form}")
+    if transport not in ("udp", "tcp"):
+        raise ValueError(f"{spec!r}: transport must be udp or tcp, not {transport!r}")
+    if rest.startswith("["):
+        host, sep, port = rest[1:].partition("]:")
+        if not sep or ":" not in host:
+            raise ValueError(f"{spec!r}: {form}")
+    else:
+        host, sep, port = rest.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{spec!r}: {form}")
+        if ":" in host:
+            raise ValueError(f"{spec!r}: put an IPv6 address in brackets, as in "
+                             f"{transport}:[{host}]:{port}")  # fmt: skip
+    if "%" in host:
+        raise ValueError(f"{spec!r}: scoped addresses (%zone) are not supported")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"{spec!r}: {host!r} is not a numeric IPv4 or IPv6 address "
+            "(privsock never resolves names)"
+        ) from None
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{spec!r}: port {port!r} is not a number in 1-65535")
+    return Listen(Transport[transport.upper()], address, int(port))
+
+
+def check_name(name: str) -> str:
+    """A LISTEN_FDNAMES entry, by systemd's rule: 1-255 printable ASCII
+    characters, no ':' (the separator)."""
+    if not 1 <= len(name) <= 255 or not name.isascii() or not name.isprintable() or ":" in name:
+        raise ValueError(f"{name!r}: a name is 1-255 printable ASCII characters without ':'")
+    return name
+
+
+def find_command(command: Sequence[str]) -> str:
+    """Refuse a missing or unknown command before anything starts."""
+    if not command:
+        raise ExecError(Exit.USAGE, "exec: no command given (put it after --)")
+    found = shutil.which(command[0])
+    if found is None:
+        raise ExecError(NOT_FOUND, f"exec: command not found: {command[0]!r}")
+    return found
+
+
+def _exit_code(exc: CreatorError) -> int:
+    if isinstance(exc, PolicyDenied):
+        return Exit.NOPERM
+    if isinstance(exc, RateLimited):
+        return EX_TEMPFAIL
+    if isinstance(exc, CreatorOSError):
+        return EX_UNAVAILABLE
+    if isinstance(exc, HelperStartError) and exc.returncode in set(Exit):
+        return exc.returncode
+    return Exit.SOFTWARE
+
+
+def acquire(
+    policy: str,
+    listens: Sequence[Listen],
+    *,
+    backlog: int,
+    reuseaddr: bool,
+    sink: Sink,
+) -> list[socket.socket]:
+    """Steps 1-3: every socket bound (TCP listening), the helper stopped; or
+    ExecError, with every socket closed and the helper stopped."""
+    socks: list[socket.socket] = []
+    try:
+        with SocketCreator(policy, audit_sink=sink) as creator:
+            for listen in listens:
+                # SO_REUSEADDR on TCP, as systemd does: a restart need not wait for TIME_WAIT.
+                tcp = listen.transport is Transport.TCP
+                sock = creator.create(listen.transport, listen.address, listen.port,
+                                      reuseaddr=reuseaddr and tcp)  # fmt: skip
+                socks.append(sock)
+                if tcp:
+                    try:
+                        sock.listen(backlog)
+                    except OSError as exc:
+                        raise ExecError(
+                            EX_UNAVAILABLE, f"{listen}: listen failed: {exc.strerror}"
+                        ) from None
+    except BaseException as exc:
+        for sock in socks:
+            sock.close()
+        if isinstance(exc, HelperStartError):
+            raise ExecError(_exit_code(exc), f"cannot start the helper: {exc}") from None
+        if isinstance(exc, CreatorError):
+            raise ExecError(_exit_code(exc), str(exc)) from None
+        raise
+    return socks
+
+
+def place_fds(socks: Sequence[socket.socket]) -> int:
+    """Put the sockets at fds 3.. (inheritable) and close every other fd from 3
+    up. Returns how many were placed."""
+    n = len(socks)
+    first_free = SD_LISTEN_FDS_START + n
+    # Move each above the target range first, so that no dup2 below clobbers one.
+    raw = [sock.detach() for sock in socks]
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, first_free) for fd in raw]
+    for fd in raw:
+        os.close(fd)
+    for i, fd in enumerate(high):
+        os.dup2(fd, SD_LISTEN_FDS_START + i, inheritable=True)
+    os.closerange(first_free, os.sysconf("SC_OPEN_MAX"))
+    return n
+
+
+def listen_env(pid: int, names: Sequence[str], target: dropall.Target) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        LISTEN_FDS=str(len(names)),
+        LISTEN_PID=str(pid),
+        LISTEN_FDNAMES=":".join(names),
+        USER=target.user,
+        LOGNAME=target.user,
+        HOME=target.home,
+    )
+    return env
+
+
+def run(
+    *,
+    policy: str,
+    target: dropall.Target,
+    listens: Sequence[Listen],
+    names: Sequence[str],
+    command: Sequence[str],
+    backlog: int,
+    reuseaddr: bool,
+    sink: Sink,
+) -> NoReturn:
+    """All five steps; returns only by raising ExecError (or exec failing)."""
+    path = find_command(command)
+    dropall.check_privilege()
+    socks = acquire(policy, listens, backlog=backlog, reuseaddr=reuseaddr, sink=sink)
+    sink.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    place_fds(socks)
+    dropall.drop(target)
+    env = listen_env(os.getpid(), names, target)
+    # Python ignores these two; an ignored signal stays ignored across exec.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    try:
+        os.execve(path, list(command), env)  # noqa: S606 (no shell: argv as given)
+    except OSError as exc:
+        code = NOT_FOUND if isinstance(exc, FileNotFoundError) else CANNOT_EXECUTE
+        raise ExecError(code, f"exec: cannot run {command[0]!r} as {target.user}: "
+                        f"{exc.strerror}") from None  # fmt: skip
