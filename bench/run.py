@@ -59,17 +59,18 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 BUILD = BENCH / "build"
 RESULTS = BENCH / "results"
-POLICY_SOURCE = REPO / "policy" / "examples" / "bench.toml"
+POLICY_SOURCE = BENCH / "policy.toml"
 
 USER = "privsock"  # the helper's user, and the one authbind lets bind
 # Each helper binds its own ports: a helper closes its copy of a sent socket only
 # after sendmsg, so another helper binding the same port at once could collide.
-# All are in the bench policy's 1000-1023.
+# All are in bench/policy.toml's 900-929, which the tests do not use.
+PORTS = range(900, 930)
 PORT = {
-    "privsock": 1000, "authbind": 1001, "in_process": 1002, "raw_helper": 1003,
-    "to_c": 1012, "c_helper": 1013, "min_helper": 1022,
+    "privsock": 900, "authbind": 901, "in_process": 902, "raw_helper": 903,
+    "to_c": 912, "c_helper": 913, "min_helper": 922,
 }  # fmt: skip
-PIPELINE_BASE = {"raw_helper": 1004, "c_helper": 1014}  # + up to 8 ports each
+PIPELINE_BASE = {"raw_helper": 904, "c_helper": 914}  # + up to 8 ports each
 AUTHBIND_FILE = Path("/etc/authbind/byport") / f"!{PORT['authbind']}"  # "!" for 512-1023
 
 COMBOS = [("udp", 4), ("udp", 6), ("tcp", 4), ("tcp", 6)]
@@ -605,7 +606,7 @@ def preflight() -> None:
         pwd.getpwnam(USER)
     except KeyError:
         raise BenchError(f"user {USER} is missing: run scripts/bootstrap") from None
-    for port in range(1000, 1024):
+    for port in PORTS:
         for af, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
             for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
                 with socket.socket(af, kind) as s:
@@ -614,7 +615,7 @@ def preflight() -> None:
                     except OSError as exc:
                         raise BenchError(
                             f"cannot bind {addr} port {port}: {exc.strerror} "
-                            "(the bench needs ports 1000-1023 free)"
+                            f"(the bench needs ports {PORTS[0]}-{PORTS[-1]} free)"
                         ) from None
 
 
