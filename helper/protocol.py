@@ -75,6 +75,11 @@ class Option(enum.IntFlag):
 
 ALL_OPTIONS = Option.REUSEADDR | Option.REUSEPORT | Option.V6ONLY
 NO_OPTIONS = Option(0)
+_TRANSPORTS = {int(t): t for t in Transport}
+_ALL_OPTIONS = int(ALL_OPTIONS)
+_V6ONLY = int(Option.V6ONLY)
+# Every valid options value, built once: calling Option() per request is slow.
+_OPTIONS = tuple(Option(value) for value in range(_ALL_OPTIONS + 1))
 
 
 class Status(enum.IntEnum):
@@ -170,10 +175,12 @@ def _check_create_fields(req: Request) -> None:
         raise ProtocolError("CREATE needs a transport and an address", req.request_id)
     if not 1 <= req.port <= 0xFFFF:
         raise ProtocolError(f"port {req.port} is outside 1-65535", req.request_id)
-    # int(): on an IntFlag, ~ALL_OPTIONS keeps only known bits and would be 0.
-    if int(req.options) & ~int(ALL_OPTIONS):
-        raise ProtocolError(f"unknown option bits {int(req.options):#x}", req.request_id)
-    if req.options & Option.V6ONLY and req.address.version == 4:
+    # int(): on an IntFlag, ~ALL_OPTIONS keeps only known bits and would be 0;
+    # plain ints are also several times faster than IntFlag arithmetic.
+    options = int(req.options)
+    if options & ~_ALL_OPTIONS:
+        raise ProtocolError(f"unknown option bits {options:#x}", req.request_id)
+    if options & _V6ONLY and req.address.version == 4:
         raise ProtocolError("V6ONLY is only valid for IPv6", req.request_id)
 
 
@@ -225,7 +232,8 @@ def decode_request(data: bytes) -> Request:
         raise ProtocolError(f"unknown op {op}", rid)
     if reserved:
         raise ProtocolError("reserved bytes 30-31 are not zero", rid)
-    if transport not in (Transport.UDP, Transport.TCP):
+    kind = _TRANSPORTS.get(transport)
+    if kind is None:
         raise ProtocolError(f"unknown transport {transport}", rid)
     if family == Family.IPV4:
         if raw[4:] != _ZERO12:
@@ -235,7 +243,8 @@ def decode_request(data: bytes) -> Request:
         address = ipaddress.IPv6Address(raw)
     else:
         raise ProtocolError(f"unknown family {family}", rid)
-    req = Request(Op.CREATE, rid, Transport(transport), address, port, Option(options))
+    flags = _OPTIONS[options] if options < len(_OPTIONS) else Option(options)
+    req = Request(Op.CREATE, rid, kind, address, port, flags)
     _check_create_fields(req)
     return req
 
