@@ -8,29 +8,36 @@ filtered wherever the value is a plain integer (seccomp cannot read pointers).
 
 from __future__ import annotations
 
-import ctypes.util
+import ctypes
 import mmap
 import socket
+import sys
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+_SONAMES = {"seccomp": "libseccomp.so.2", "c": "libc.so.6"}
+
 
 @contextmanager
 def _direct_sonames() -> Iterator[None]:
-    # pyseccomp calls find_library() at import, which runs ldconfig twice (about
-    # 50 ms, and it fails where ldconfig is missing). The sonames are fixed on Linux.
-    real = ctypes.util.find_library
-    known = {"seccomp": "libseccomp.so.2", "c": "libc.so.6"}
-
-    def find(name: str) -> str | None:
-        return known.get(name) or real(name)
-
-    ctypes.util.find_library = find
+    # pyseccomp calls ctypes.util.find_library() at import, which runs ldconfig
+    # twice (about 50 ms, and it fails where ldconfig is missing); importing
+    # ctypes.util alone costs about 6 ms and 1.5 MiB (subprocess, shutil,
+    # tempfile...). The sonames are fixed on Linux, so pyseccomp gets a
+    # ctypes.util that knows just these two, for the time of its import.
+    stub = types.ModuleType("ctypes.util")
+    stub.find_library = _SONAMES.get  # type: ignore[attr-defined]
+    saved = sys.modules.get("ctypes.util")
+    sys.modules["ctypes.util"] = ctypes.util = stub  # type: ignore[attr-defined]
     try:
         yield
     finally:
-        ctypes.util.find_library = real
+        if saved is None:
+            del sys.modules["ctypes.util"], ctypes.util  # type: ignore[attr-defined]
+        else:
+            sys.modules["ctypes.util"] = ctypes.util = saved  # type: ignore[attr-defined]
 
 
 with _direct_sonames():
