@@ -4,6 +4,12 @@ It starts the helper on a SOCK_SEQPACKET socketpair (the helper's fd 0), checks
 the handshake with PING, and turns each reply into a socket or a typed
 exception. Every wait is bounded. A helper that breaks the protocol, or stops
 answering, is killed: it is not trusted further.
+
+Life cycle: use it as a context manager (``with SocketCreator(policy) as c:``),
+or call close(). Every creator still open at a normal interpreter exit is
+closed by an atexit hook. SIGTERM does not give a normal exit by default:
+call shutdown_on_signals() once in the main thread, and SIGTERM/SIGINT become
+SystemExit, so each helper gets EOF, exits 0 and is reaped by this process.
 """
 
 from __future__ import annotations

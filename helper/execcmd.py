@@ -182,7 +182,9 @@ def place_fds(socks: Sequence[socket.socket]) -> int:
         os.close(fd)
     for i, fd in enumerate(high):
         os.dup2(fd, SD_LISTEN_FDS_START + i, inheritable=True)
-    os.closerange(first_free, os.sysconf("SC_OPEN_MAX"))
+    # Up to the highest fd open, not just the limit: it may have been lowered since.
+    highest = max(map(int, os.listdir("/proc/self/fd")))
+    os.closerange(first_free, max(highest + 1, os.sysconf("SC_OPEN_MAX")))
     return n
 
 
