@@ -513,6 +513,26 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def targets(summary: dict[str, Any], results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each judged on its worst transport/family."""
+    ratios = summary["ratios"].values()
+    rss = results["memory_kib"]["privsock"]["VmRSS"] / 1024
+    found = [
+        {"target": "round trip <= 1.5x the C reference (worst of the four)", "limit": 1.5,
+         "measured": max(r["privsock/c_limit"]["median"] for r in ratios), "unit": "x"},
+        {"target": ">= 20x faster than authbind (worst of the four)", "limit": 20.0,
+         "measured": min(r["authbind/privsock"]["median"] for r in ratios), "unit": "x",
+         "at_least": True},
+        {"target": "helper start-up to hardened and serving <= 80 ms", "limit": 80.0,
+         "measured": summary["start_up_ms"]["privsock"]["median"], "unit": " ms"},
+        {"target": "helper RSS while serving <= 16 MiB", "limit": 16.0, "measured": rss,
+         "unit": " MiB"},
+    ]  # fmt: skip
+    for t in found:
+        t["met"] = t["measured"] >= t["limit"] if t.get("at_least") else t["measured"] <= t["limit"]
+    return found
+
+
 def fmt(s: dict[str, float], digits: int = 1) -> str:
     return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
 
@@ -525,6 +545,16 @@ def table(summary: dict[str, Any], results: dict[str, Any], machine: dict[str, A
         f"{machine['rounds']} rounds, interleaved in a shuffled order; each figure is the median "
         "of the rounds' medians, (min-max) of the rounds' medians. Ratios are taken round by "
         "round. Only the ratios carry over between machines.",
+        f"Load average (1 min) at start and end: {machine['load_start']:.2f}, "
+        f"{machine['load_end']:.2f}.",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+    for t in summary["targets"]:
+        verdict = "yes" if t["met"] else "NO"
+        lines.append(f"| {t['target']} | {t['measured']:.2f}{t['unit']} | {verdict} |")
+    lines += [
         "",
         "Round trip, µs per bound socket (CREATE -> fd received and closed):",
         "",
@@ -633,6 +663,7 @@ def main() -> int:
         parser.error("--rounds must be >= 1 and --batch >= 10")
     # A Ctrl-C or kill must still restore /etc/authbind and remove the temp policy.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    load_start = os.getloadavg()[0]
     try:
         preflight()
         lib = build_c()
@@ -643,7 +674,9 @@ def main() -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     machine = machine_info(args.rounds)
+    machine["load_start"], machine["load_end"] = load_start, os.getloadavg()[0]
     summary = summarise(results)
+    summary["targets"] = targets(summary, results)
     text = table(summary, results, machine)
     print(text)
     RESULTS.mkdir(exist_ok=True)
