@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from privsock import auditlog, dropall, execcmd
+from privsock.client import shutdown_on_signals
 from privsock.exitcodes import Exit
 from privsock.policy import describe
 from privsock.privileged.policy_file import PolicyFileError, load_policy
@@ -81,6 +82,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
         return exc.exit_code
     except auditlog.AuditLogError as exc:
         raise UsageError(f"exec: {exc}") from None
+    # A signal while the helper runs: close and reap it (the exec resets handlers).
+    shutdown_on_signals()
     try:
         execcmd.run(
             policy=args.policy, target=target, listens=listens, names=names,
