@@ -328,8 +328,9 @@ def test_missing_command_is_refused_before_anything_starts(
 
 
 def test_command_the_user_cannot_run_fails_after_the_drop(test_policy: Path) -> None:
-    # /root is 0700: root finds the file, the privsock user cannot execute it.
-    script = Path(tempfile.mkdtemp(dir="/root")) / "server"
+    # mkdtemp makes a 0700 directory: root finds the file, the privsock user
+    # cannot reach it.
+    script = Path(tempfile.mkdtemp()) / "server"
     try:
         script.write_text("#!/bin/sh\necho STARTED\n")
         script.chmod(0o755)
