@@ -510,6 +510,10 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     }
     summary["start_up_ms"] = {k: spread([ns / 1e6 for ns in v])
                               for k, v in results["start_up"].items()}  # fmt: skip
+    start = results["start_up"]
+    summary["start_up_ratio"] = spread(
+        [a / b for a, b in zip(start["privsock"], start["python"], strict=True)]
+    )
     return summary
 
 
@@ -589,9 +593,10 @@ def table(summary: dict[str, Any], results: dict[str, Any], machine: dict[str, A
         "Start-up, ms from spawn to the first PING reply (target <= 80 ms for privsock):",
         "",
         "| privsock-helper, hardened (SocketCreator.start) | C reference helper "
-        "| `python -I -c pass` to exit |",
-        "|---|---|---|",
-        f"| {fmt(su['privsock'])} | {fmt(su['c_helper'])} | {fmt(su['python'])} |",
+        "| `python -I -c pass` to exit | privsock / python (same round) |",
+        "|---|---|---|---|",
+        f"| {fmt(su['privsock'])} | {fmt(su['c_helper'])} | {fmt(su['python'])} "
+        f"| {fmt(summary['start_up_ratio'], 2)} |",
         "",
         f"`python -X importtime` of the helper's imports: {imp['total_us'] / 1000:.1f} ms "
         f"in all; largest (cumulative ms): {top}.",
