@@ -42,6 +42,7 @@ from typing import IO, Any
 
 import pytest
 
+from ..conftest import TEST_POLICY
 from .driver import READY_MARK, RESULT_MARK
 
 HERE = Path(__file__).resolve().parent
@@ -66,28 +67,13 @@ USERNS_SIZE = 65536
 
 PODMAN = ("podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs")
 TOOLS = ("podman", "runc")
+SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
 STRICT_RATE, STRICT_BURST = 2.0, 5
 
 POLICIES = {
-    # Generous: the rows about capabilities and networks.
-    "policy.toml": """\
-version = 1
-[helper]
-user = "privsock"
-group = "privsock"
-[rate_limit]
-rate = 1000.0
-burst = 1000
-[[allow]]
-transports = ["udp", "tcp"]
-ports = [53]
-addresses = ["0.0.0.0/0", "::/0"]
-options = ["reuseaddr"]
-[[deny]]
-transports = ["udp", "tcp"]
-ports = [22]
-""",
+    # Generous (the suite's own test policy): the rows about capabilities and networks.
+    "policy.toml": TEST_POLICY,
     # Tight: the compromised boss floods past it.
     "strict.toml": f"""\
 version = 1
@@ -108,8 +94,13 @@ class HarnessError(AssertionError):
     """The container machinery failed, not the product; the message says how."""
 
 
+def _which(tool: str) -> str | None:
+    # podman finds runc in the sbin directories too, which a PATH may lack.
+    return shutil.which(tool, path=os.pathsep.join([os.environ.get("PATH", ""), *SBIN]))
+
+
 def require_tools(
-    which: Callable[[str], str | None] = shutil.which,
+    which: Callable[[str], str | None] = _which,
     env: Mapping[str, str] = os.environ,
 ) -> None:
     """Skip without podman/runc, except in CI (CI=true), where it is a failure:
