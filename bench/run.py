@@ -656,7 +656,7 @@ def preflight() -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=15, help="rounds (default 15)")
+    parser.add_argument("--rounds", type=int, default=20, help="rounds (default 20)")
     parser.add_argument("--batch", type=int, default=400,
                         help="round trips per batch (default 400; authbind an eighth)")
     parser.add_argument("--quick", action="store_true", help="3 rounds of 100: a smoke test")
@@ -667,7 +667,7 @@ def main() -> int:
     if args.rounds < 1 or args.batch < 10:
         parser.error("--rounds must be >= 1 and --batch >= 10")
     # A Ctrl-C or kill must still restore /etc/authbind and remove the temp policy.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     load_start = os.getloadavg()[0]
     try:
         preflight()
@@ -678,6 +678,9 @@ def main() -> int:
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; authbind's configuration was put back", file=sys.stderr)
+        return 130
     machine = machine_info(args.rounds)
     machine["load_start"], machine["load_end"] = load_start, os.getloadavg()[0]
     summary = summarise(results)
