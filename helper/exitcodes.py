@@ -19,7 +19,7 @@ class Exit(enum.IntEnum):
     OSERR = 71  # EX_OSERR: a hardening step failed, or self-verification found a difference
     PROTOCOL = 76  # EX_PROTOCOL: the channel on fd 0 is not a SOCK_SEQPACKET socket
     NOPERM = 77  # EX_NOPERM: missing privilege (not root, no CAP_NET_BIND_SERVICE)
-    CONFIG = 78  # EX_CONFIG: the policy file is insecure (owner or mode), or its user is root
+    CONFIG = 78  # EX_CONFIG: the policy file is insecure, or the process does not fit the policy
 
 
 DESCRIPTIONS: dict[Exit, str] = {
@@ -32,5 +32,8 @@ DESCRIPTIONS: dict[Exit, str] = {
     Exit.OSERR: "a hardening step failed or could not be verified",
     Exit.PROTOCOL: "fd 0 is not a SOCK_SEQPACKET socket",
     Exit.NOPERM: "missing privilege: run as root or give CAP_NET_BIND_SERVICE",
-    Exit.CONFIG: "the policy file is insecure (owner or permissions) or names root",
+    Exit.CONFIG: (
+        "configuration: the policy file is insecure (owner or permissions), names root, "
+        "or the helper was started as another user than the policy's"
+    ),
 }

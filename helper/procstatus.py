@@ -96,9 +96,16 @@ def parse_status(text: str) -> ProcStatus:
         raise StatusFormatError(str(exc)) from None
 
 
-def verdict(st: ProcStatus, *, uid: int | None = None, gid: int | None = None) -> list[str]:
+def verdict(
+    st: ProcStatus,
+    *,
+    uid: int | None = None,
+    gid: int | None = None,
+    seccomp_filters: int | None = None,
+) -> list[str]:
     """Every way ``st`` differs from the promise; empty means hardened.
-    ``uid``/``gid``, when given, are the ids the process must run as."""
+    ``uid``/``gid``, when given, are the ids the process must run as;
+    ``seccomp_filters`` the exact number of stacked filters it must have."""
     problems: list[str] = []
     if 0 in st.uids:
         problems.append(f"a uid is 0 (Uid: {' '.join(map(str, st.uids))})")
@@ -132,6 +139,8 @@ def verdict(st: ProcStatus, *, uid: int | None = None, gid: int | None = None) -
         problems.append("NoNewPrivs is not set")
     if st.seccomp != 2:
         problems.append(f"Seccomp is {st.seccomp}, not 2 (filter mode)")
+    if seccomp_filters is not None and st.seccomp_filters != seccomp_filters:
+        problems.append(f"Seccomp_filters is {st.seccomp_filters}, expected {seccomp_filters}")
     return problems
 
 
@@ -148,5 +157,7 @@ def report(st: ProcStatus) -> list[str]:
         lines.append(f"{name:<9} {value:016x} {','.join(cap_names(value)) or '-'}")
     lines.append(f"NoNewPrivs {st.no_new_privs}")
     filters = "" if st.seccomp_filters is None else f" ({st.seccomp_filters} filters)"
+    if st.seccomp_filters and st.seccomp_filters > 1:
+        filters += "; a container runtime's or a parent's filters count too"
     lines.append(f"Seccomp   {st.seccomp}{filters}")
     return lines

@@ -483,3 +483,38 @@ def test_helper_that_cannot_prove_its_hardening_does_not_serve(
     assert result.returncode == Exit.OSERR
     assert b"not hardened as promised, refusing to serve" in result.stderr
     assert b"a uid is 0" in result.stderr
+
+
+UNDER_A_FILTER = """
+import os, sys
+from privsock.privileged.seccomp_filter import sc
+flt = sc.SyscallFilter(sc.ALLOW)  # what a container runtime's profile looks like from here
+flt.add_rule(sc.ERRNO(1), "acct")
+flt.load()
+os.execv(sys.executable, [sys.executable, "-I", "-m", "privsock.privileged.main", *sys.argv[1:]])
+"""
+
+
+def test_helper_loads_its_own_filter_under_a_runtimes_filter(
+    root: None, test_policy: Path
+) -> None:
+    # Seccomp: 2 is already true before the helper loads anything; only one more
+    # stacked filter proves that its own allowlist is in place.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-c", UNDER_A_FILTER, "--policy", str(test_policy)],
+        stdin=theirs, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    theirs.close()
+    try:
+        ours.settimeout(10)
+        ours.send(protocol.encode_request(protocol.ping(1)))
+        assert protocol.decode_reply(ours.recv(64)).status is Status.OK
+        status = parse_status(proc_status(proc.pid))
+        assert status.seccomp == 2
+        assert status.seccomp_filters == 2
+    finally:
+        ours.close()
+        proc.wait(timeout=10)
+        assert proc.stderr is not None
+        proc.stderr.close()

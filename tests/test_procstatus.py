@@ -403,3 +403,15 @@ def test_report_lines() -> None:
         "Seccomp   2 (1 filters)",
     ]
     assert report(parse_status(without("Seccomp_filters")))[-1] == "Seccomp   2"
+
+
+def test_expected_filter_count_must_match_exactly() -> None:
+    # The helper passes the count it saw before loading its own filter, plus one:
+    # Seccomp=2 alone may be a container runtime's filter.
+    st = parse_status(HARDENED)
+    assert st.seccomp_filters == 1
+    assert verdict(st, seccomp_filters=1) == []
+    for wrong in (0, 2):
+        assert verdict(st, seccomp_filters=wrong) == [
+            f"Seccomp_filters is 1, expected {wrong}"
+        ]

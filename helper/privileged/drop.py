@@ -25,7 +25,7 @@ import signal
 import prctl
 
 from privsock.exitcodes import Exit
-from privsock.procstatus import CAP_NET_BIND_SERVICE
+from privsock.procstatus import CAP_NET_BIND_SERVICE, cap_names
 
 _PR_CAPBSET_DROP = 24
 _PR_CAP_AMBIENT = 47
@@ -178,7 +178,8 @@ def keep_user(uid: int, gid: int) -> None:
     if extra:
         raise HardeningError(
             Exit.OSERR,
-            f"the capability bounding set holds more than CAP_NET_BIND_SERVICE ({extra:#x}) "
+            f"the capability bounding set holds more than CAP_NET_BIND_SERVICE "
+            f"({','.join(cap_names(extra))}) "
             "and a non-root helper cannot shrink it: use CapabilityBoundingSet="
             "CAP_NET_BIND_SERVICE (systemd) or --cap-drop=ALL --cap-add=NET_BIND_SERVICE",
         )

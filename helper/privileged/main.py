@@ -103,7 +103,7 @@ def harden(policy_path: str, expected_parent: int) -> tuple[socket.socket, Polic
     except drop.HardeningError as exc:
         raise _Refuse(exc.exit_code, str(exc)) from None
     try:
-        policy, pid, uid, gid = _drop_and_lock(policy_path, expected_parent, root_start)
+        policy, pid, uid, gid, filters = _drop_and_lock(policy_path, expected_parent, root_start)
         try:
             seccomp_filter.load()
         except OSError as exc:
@@ -111,7 +111,8 @@ def harden(policy_path: str, expected_parent: int) -> tuple[socket.socket, Polic
         # From here on: no file opens. The status fd was opened before the filter.
         status = os.read(seccomp_filter.STATUS_FD, 8192).decode("ascii", "replace")
         os.close(seccomp_filter.STATUS_FD)
-        problems = verdict(parse_status(status), uid=uid, gid=gid)
+        # Seccomp=2 alone could be a container runtime's filter: ours must be one more.
+        problems = verdict(parse_status(status), uid=uid, gid=gid, seccomp_filters=filters + 1)
         if problems:
             raise _Refuse(Exit.OSERR, "not hardened as promised, refusing to serve: "
                           + "; ".join(problems))  # fmt: skip
@@ -125,8 +126,9 @@ def harden(policy_path: str, expected_parent: int) -> tuple[socket.socket, Polic
 
 def _drop_and_lock(
     policy_path: str, expected_parent: int, root_start: bool
-) -> tuple[Policy, int, int, int]:
-    """Steps 2-6. Returns the policy, our pid and the uid/gid we now run as."""
+) -> tuple[Policy, int, int, int, int]:
+    """Steps 2-6. Returns the policy, our pid, the uid/gid we now run as, and
+    how many seccomp filters were already stacked on us (a runtime's, say)."""
     try:
         try:
             policy = load_policy(policy_path)
@@ -142,6 +144,11 @@ def _drop_and_lock(
         drop.lock(expected_parent)
         pid = os.getpid()
         _warm_up(policy)
+        with open("/proc/self/status", encoding="ascii") as f:
+            filters = parse_status(f.read()).seccomp_filters
+        if filters is None:
+            raise _Refuse(Exit.OSERR, "the kernel does not report Seccomp_filters in "
+                          "/proc/self/status, so the helper cannot prove its filter")  # fmt: skip
         fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
         os.dup2(fd, seccomp_filter.STATUS_FD, inheritable=False)
         os.close(fd)
@@ -150,7 +157,7 @@ def _drop_and_lock(
         raise _Refuse(exc.exit_code, str(exc)) from None
     except OSError as exc:
         raise _Refuse(Exit.OSERR, f"hardening failed: {exc}") from None
-    return policy, pid, uid, gid
+    return policy, pid, uid, gid, filters
 
 
 def run(argv: list[str]) -> int:
