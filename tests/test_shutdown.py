@@ -79,7 +79,7 @@ def run_boss(boss: str, policy: Path, signame: str) -> dict[str, Any]:
          signame],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, f"reaper failed: {result.stderr}"
     return dict(json.loads(result.stdout))
 
 
@@ -90,9 +90,9 @@ def test_signal_to_boss_closes_and_reaps_its_helper(
 ) -> None:
     seen = run_boss(boss, test_policy, signame)
     assert seen["boss"] == 128 + signal.Signals[signame], seen["err"]
-    assert seen["orphans"] == []  # the boss reaped its helper itself
+    assert seen["orphans"] == [], seen  # the boss reaped its helper itself
     assert gone(seen["helper"], 0)
-    assert "Traceback" not in seen["err"]
+    assert "Traceback" not in seen["err"], seen["err"]
 
 
 def test_without_the_handler_the_helper_is_orphaned(test_policy: Path) -> None:
