@@ -29,7 +29,10 @@ assert ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 
 boss_code, policy, signame = sys.argv[1:4]
 boss = subprocess.Popen([sys.executable, "-c", boss_code, policy],
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-helper = int(boss.stdout.readline())
+line = boss.stdout.readline()
+if not line:
+    sys.exit("the boss did not start: " + boss.communicate()[1])
+helper = int(line)
 boss.send_signal(signal.Signals[signame])
 _, err = boss.communicate()
 orphans = []
