@@ -42,6 +42,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from privsock.allocator import Share as Share
+    from privsock.allocator import ShareError as ShareError
+    from privsock.allocator import SocketAllocator as SocketAllocator
     from privsock.client import SocketCreator as SocketCreator
     from privsock.errors import (
         CreatorError as CreatorError,
