@@ -19,6 +19,7 @@ import pytest
 
 from privsock import audit
 from privsock.client import HELPER_ENV, SocketCreator, default_helper_argv
+from privsock.errors import PolicyDenied
 from privsock.exitcodes import Exit
 
 from .helper_proc import RawHelper, gone
@@ -145,6 +146,7 @@ def test_helper_resource_limits(creator: SocketCreator) -> None:
 # helper would still hold root's full permitted set. It must refuse to serve.
 SKIP_CAP_STEP = (
     "from privsock.privileged import drop, main\n"
+    "assert callable(drop._set_only_bind_caps)\n"
     "drop._set_only_bind_caps = lambda: None\n"
     "main.main()\n"
 )
@@ -206,7 +208,7 @@ def test_helper_logs_every_decision(root: None, test_policy: Path) -> None:
     with SocketCreator(str(test_policy), audit_sink=records.append) as c:
         helper_pid = c.pid
         c.create("udp", "127.0.0.1", 53).close()
-        with pytest.raises(Exception, match="denied"):
+        with pytest.raises(PolicyDenied):
             c.create("tcp", "0.0.0.0", 22)
     helper = [r for r in records if r["side"] == "helper"]
     assert [(r["op"], r["decision"], r["rule"]) for r in helper] == [
