@@ -153,20 +153,48 @@ SKIP_CAP_STEP = (
 
 
 def test_helper_refuses_to_serve_when_a_drop_step_fails(root: None, test_policy: Path) -> None:
+    code, err = _refusal(test_policy, SKIP_CAP_STEP)
+    assert code == Exit.OSERR, err
+    assert b"not hardened as promised, refusing to serve" in err
+    assert b"CapPrm" in err
+
+
+# Loads a filter the way a container runtime's profile would, then skips the
+# helper's own: Seccomp reads 2 either way, only the filter count tells.
+SKIP_OWN_FILTER = (
+    "from privsock.privileged import main, seccomp_filter\n"
+    "from privsock.privileged.seccomp_filter import sc\n"
+    "runtime = sc.SyscallFilter(sc.ALLOW)\n"
+    "runtime.add_rule(sc.ERRNO(1), 'acct')\n"
+    "runtime.load()\n"
+    "assert callable(seccomp_filter.load)\n"
+    "seccomp_filter.load = lambda: None\n"
+    "main.main()\n"
+)
+
+
+def _refusal(test_policy: Path, script: str) -> tuple[int, bytes]:
+    """Run a sabotaged helper; a PING it would answer if it served, then EOF."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with ours, theirs:
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", SKIP_CAP_STEP, "--policy", str(test_policy)],
+            [sys.executable, "-I", "-c", script, "--policy", str(test_policy)],
             stdin=theirs, stderr=subprocess.PIPE, env=HELPER_ENV,
         )  # fmt: skip
         theirs.close()
-        # A helper that served would read this PING and answer it.
         ours.send(b"PS\x01\x02" + (1).to_bytes(4, "big") + bytes(24))
         ours.shutdown(socket.SHUT_WR)
         _, err = proc.communicate(timeout=30)
-    assert proc.returncode == Exit.OSERR, err
+    return proc.returncode, err
+
+
+def test_helper_refuses_to_serve_without_its_own_filter_under_a_runtimes(
+    root: None, test_policy: Path
+) -> None:
+    code, err = _refusal(test_policy, SKIP_OWN_FILTER)
+    assert code == Exit.OSERR, err
     assert b"not hardened as promised, refusing to serve" in err
-    assert b"CapPrm" in err
+    assert b"Seccomp_filters is 1, expected 2" in err
 
 
 @pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_DGRAM], ids=["stream", "dgram"])
