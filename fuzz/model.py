@@ -250,13 +250,16 @@ class BucketCheck:
 
     Each token-taking request is (sent, received, granted), with times from the
     monotonic clock both processes share; the helper took its decision somewhere
-    in [sent, received]. A refused request leaves fewer than one token. So for a
-    refused request a and any later request z, the grants g after a up to z obey
+    in [sent, received]. A refused request leaves fewer than one token, and the
+    bucket never holds more than ``burst``. So for a refused request a and any
+    later request z, the grants g after a up to z obey
 
         g < 1 + rate * (received_z - sent_a)                    (never too many)
 
-    and, when z is refused as well and the bucket cannot have been full in
-    between (a full bucket drops tokens),
+    for any request a, the grants from a up to z obey g <= burst + rate *
+    (received_z - sent_a) (idle time banks no more than a full bucket), and
+    when z is refused as well and the bucket cannot have been full in between
+    (a full bucket drops tokens),
 
         g > rate * (sent_z - received_a) - 1                   (never too few)
 
@@ -286,6 +289,7 @@ class BucketCheck:
         grants = 0
         for sent, received, granted in events:
             s, r = sent - base, received - base
+            upper_anchor = min(upper_anchor, grants + self.burst - rate * s)  # full at most
             before = tokens_high + rate * (r - (previous_sent - base))
             if before >= self.burst:
                 lower_anchor = None  # the bucket may have been full: tokens dropped

@@ -151,11 +151,15 @@ def test_model_addresses() -> None:
 # -- the bucket check can fail ----------------------------------------------------
 
 
-def _simulate(rate: float, burst: int, times: list[float], cheat: float = 0.0) -> list[bool]:
-    """A token bucket (with ``cheat`` extra tokens per second) decided at ``times``."""
+def _simulate(
+    rate: float, burst: int, times: list[float], cheat: float = 0.0, cap: bool = True
+) -> list[bool]:
+    """A token bucket (with ``cheat`` extra tokens per second, or no cap at
+    ``burst``) decided at ``times``."""
     tokens, last, out = float(burst), 0.0, []
     for t in times:
-        tokens = min(burst, tokens + (t - last) * (rate + cheat))
+        tokens = tokens + (t - last) * (rate + cheat)
+        tokens = min(burst, tokens) if cap else tokens
         last = t
         out.append(tokens >= 1)
         tokens -= tokens >= 1
@@ -185,8 +189,17 @@ def test_bucket_check_catches_two_tokens_per_second_too_many_or_few(cheat: float
     assert (check.over if cheat > 0 else check.under) != []
 
 
+# A one-second pause after the first second.
+PAUSED = [*TIMES[:5000], *(t + 1.0 for t in TIMES[5000:])]
+
+
 def test_bucket_check_does_not_count_tokens_a_full_bucket_dropped() -> None:
-    # A one-second pause: the bucket fills up and drops 90 tokens; that is no shortfall.
-    times = [*TIMES[:5000], *(t + 1.0 for t in TIMES[5000:])]
-    check = model.BucketCheck(100.0, 10, 0.0).run(_events(_simulate(100.0, 10, times), times))
+    # The bucket fills up during the pause and drops 90 tokens: no shortfall.
+    check = model.BucketCheck(100.0, 10, 0.0).run(_events(_simulate(100.0, 10, PAUSED), PAUSED))
     assert check.over == [] and check.under == []
+
+
+def test_bucket_check_catches_a_bucket_without_a_cap() -> None:
+    # The pause banks 100 tokens instead of 10.
+    decided = _simulate(100.0, 10, PAUSED, cap=False)
+    assert model.BucketCheck(100.0, 10, 0.0).run(_events(decided, PAUSED)).over != []
