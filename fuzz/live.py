@@ -1,0 +1,680 @@
+"""The live-helper fuzzer: a real hardened helper against a hostile boss.
+
+A real helper (root start, privilege drop, seccomp) runs in a network namespace
+of its own, so its binds touch nothing on the machine and no other process can
+hold its ports. It gets datagrams of four kinds:
+
+* random bytes, lengths 1-4096 (over-long ones arrive truncated, MSG_TRUNC);
+* a valid header followed by random bytes;
+* valid requests with one bit flipped (cycling through all 256 bits) or one
+  field set to a random value (cycling through the fields);
+* well-formed requests for allowed, denied and unbindable ports and addresses.
+
+A quarter carry SCM_RIGHTS with 1-8 fds of different kinds (files, pipes,
+sockets, an eventfd, a memfd, an epoll fd, a directory, and the boss's own end
+of the channel); some carry SCM_CREDENTIALS (the boss's real pid/uid/gid; the
+helper does not set SO_PASSCRED, so the kernel does not deliver them).
+
+Every reply is checked against fuzz/model.py: status, id, detail and code,
+exactly one fd for an OK to CREATE and none otherwise, and a granted socket is
+inspected (family, type, address, port, options, not listening). The helper's
+fd count must be exactly its two idle fds (0 and 2) at every sample after
+warm-up, and its RSS must stay within RSS_SLACK_KIB of the first sample.
+
+A zero-length message without fds is not in the random stream: on
+SOCK_SEQPACKET it reads the same as end-of-file, which PROTOCOL.md defines as
+the end of the session. Each helper instead gets one at the end, which must make
+it exit 0; then the next phase starts a fresh helper.
+
+The second phase hammers a helper whose policy has a small bucket with the
+same mix, counts the token-taking requests against time (model.BucketCheck),
+then waits out the last retry-after and checks a valid request succeeds.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import json
+import math
+import os
+import random
+import select
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from fuzz import model
+from fuzz.model import CREATE, MALFORMED, OK, OS_ERROR, PING, RATE_LIMITED, STAGE_BIND, TCP, UDP
+
+PYTHON = sys.executable
+HELPER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+HELPER = [PYTHON, "-I", "-m", "privsock.privileged.main"]
+REPLY_TIMEOUT = 10.0  # a bound on every wait, far above any real reply time
+SAMPLE_EVERY = 2_500
+WARM_UP = 5_000
+RSS_SLACK_KIB = 1024
+MIN_DATAGRAMS = 50_000
+
+
+def netns_argv(argv: list[str] | None = None) -> list[str]:
+    """Run a helper in a network namespace of its own with only loopback up.
+    `unshare` and `sh` exec into the helper, so its pid and parent stay the same."""
+    return [
+        "unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+        *(argv or HELPER),
+    ]  # fmt: skip
+
+
+POLICY_TEXT = """\
+version = 1
+[helper]
+user = "privsock"
+group = "privsock"
+[rate_limit]
+rate = {rate}
+burst = {burst}
+# allow[0]: loopback and the wildcards, every option
+[[allow]]
+transports = ["udp", "tcp"]
+ports = [53, 80, "1000-1010"]
+addresses = ["127.0.0.0/8", "::1/128", "0.0.0.0/32", "::/128"]
+options = ["reuseaddr", "reuseport", "v6only"]
+# allow[1]: documentation networks: allowed, but no such address here (EADDRNOTAVAIL)
+[[allow]]
+transports = ["udp"]
+ports = [443, 5353]
+addresses = ["192.0.2.0/24", "2001:db8::/32"]
+options = ["reuseaddr"]
+# allow[2]: one address, one transport, no options
+[[allow]]
+transports = ["tcp"]
+ports = [8080]
+addresses = ["127.0.0.1/32"]
+# deny[0]: ssh, and a port inside allow[0]'s range
+[[deny]]
+ports = [22, 1005]
+# deny[1]: one loopback address for tcp 53 (wildcard binds capture it too)
+[[deny]]
+transports = ["tcp"]
+ports = [53]
+addresses = ["127.0.0.53/32"]
+"""
+
+
+def policy_text(rate: float = 100000.0, burst: int = 100000) -> str:
+    return POLICY_TEXT.format(rate=rate, burst=burst)
+
+
+# The same policy, written out again for the model (not parsed from the text).
+MODEL_POLICY = model.Policy(
+    allow=(
+        model.Rule("allow[0]", frozenset({UDP, TCP}), ((53, 53), (80, 80), (1000, 1010)),
+                   tuple(map(model.net, ("127.0.0.0/8", "::1/128", "0.0.0.0/32", "::/128"))),
+                   model.REUSEADDR | model.REUSEPORT | model.V6ONLY),
+        model.Rule("allow[1]", frozenset({UDP}), ((443, 443), (5353, 5353)),
+                   (model.net("192.0.2.0/24"), model.net("2001:db8::/32")), model.REUSEADDR),
+        model.Rule("allow[2]", frozenset({TCP}), ((8080, 8080),), (model.net("127.0.0.1/32"),)),
+    ),
+    deny=(
+        model.Rule("deny[0]", frozenset({UDP, TCP}), ((22, 22), (1005, 1005)),
+                   (model.net("0.0.0.0/0"), model.net("::/0"))),
+        model.Rule("deny[1]", frozenset({TCP}), ((53, 53),), (model.net("127.0.0.53/32"),)),
+    ),
+)  # fmt: skip
+LOCAL = [(6, 1)]  # ::1; all of 127.0.0.0/8 is local too (model.bind_errno)
+
+
+@dataclass(frozen=True, slots=True)
+class Expected:
+    status: int
+    rid: int
+    detail: int = 0
+    code: int = 0
+    request: model.Request | None = None  # for an OK to CREATE: what the socket must be
+
+    @property
+    def takes_token(self) -> bool:
+        return self.request is not None and self.request.op == CREATE
+
+
+def expect(data: bytes, with_fds: bool, policy: model.Policy = MODEL_POLICY) -> Expected:
+    """The reply the helper owes ``data`` (bucket permitting)."""
+    rid = model.request_id(data)
+    if with_fds:
+        return Expected(MALFORMED, rid)
+    req = model.parse_request(data)
+    if req is None:
+        return Expected(MALFORMED, rid)
+    if req.op == PING:
+        return Expected(OK, rid)
+    verdict = model.decide(policy, req.transport, req.family, req.address, req.port, req.options)
+    if not verdict.allowed:
+        return Expected(model.DENIED, rid, 0, verdict.reason, req)
+    err = model.bind_errno(req.family, req.address, req.options, LOCAL)
+    if err:
+        return Expected(OS_ERROR, rid, err, STAGE_BIND, req)
+    return Expected(OK, rid, 0, 0, req)
+
+
+# ---------------------------------------------------------------------------
+# Datagrams
+
+
+def encode(op: int, rid: int, transport: int = 0, family: int = 0, port: int = 0,
+           address: int = 0, options: int = 0, reserved: int = 0) -> bytes:  # fmt: skip
+    """A request laid out by hand from the PROTOCOL.md table."""
+    raw = address.to_bytes(4, "big") + bytes(12) if family == 4 else address.to_bytes(16, "big")
+    return (b"PS\x01" + bytes([op]) + rid.to_bytes(4, "big") + bytes([transport, family])
+            + port.to_bytes(2, "big") + raw + options.to_bytes(2, "big")
+            + reserved.to_bytes(2, "big"))  # fmt: skip
+
+
+# (0.0.0.0 is bound only inside the helper's own network namespace.)
+ADDRESSES_4 = ["127.0.0.1", "127.0.0.53", "127.1.2.3", "0.0.0.0",  # noqa: S104
+               "192.0.2.7", "10.0.0.1", "8.8.8.8", "224.0.0.1", "255.255.255.255"]  # fmt: skip
+ADDRESSES_6 = ["::", "::1", "::2", "::ffff:127.0.0.1", "::ffff:0.0.0.0", "::ffff:192.0.2.7",
+               "::ffff:10.0.0.1", "2001:db8::1", "fe80::1", "ff02::1"]  # fmt: skip
+PORTS = [53, 80, 443, 1000, 1004, 1005, 1010, 1011, 22, 5353, 8080, 1, 65535]
+# (offset, size) of each request field, for "set one field to a random value".
+FIELDS = [(0, 2), (2, 1), (3, 1), (4, 4), (8, 1), (9, 1), (10, 2), (12, 16), (28, 2), (30, 2)]
+
+
+class Datagrams:
+    """The random stream; ``seed`` makes a run repeatable."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)  # noqa: S311 (a repeatable stream, not a secret)
+        self.bit = 0
+        self.field = 0
+        self.v4 = [model.parse_address(a)[1] for a in ADDRESSES_4]
+        self.v6 = [model.parse_address(a)[1] for a in ADDRESSES_6]
+
+    def valid(self) -> bytes:
+        rng = self.rng
+        rid = rng.getrandbits(32)
+        if rng.random() < 0.05:
+            return encode(PING, rid)
+        if rng.random() < 0.4:
+            return self.inside_allow_rule(rid)
+        family = rng.choice((4, 6))
+        pool = self.v4 if family == 4 else self.v6
+        address = (
+            rng.choice(pool) if rng.random() < 0.9 else rng.getrandbits(32 if family == 4 else 128)
+        )
+        port = rng.choice(PORTS) if rng.random() < 0.9 else rng.randint(1, 65535)
+        options = rng.getrandbits(3) & (7 if family == 6 else 3)
+        return encode(CREATE, rid, rng.choice((UDP, TCP)), family, port, address, options)
+
+    def inside_allow_rule(self, rid: int) -> bytes:
+        """A request inside one allow rule (a deny rule may still refuse it)."""
+        rng = self.rng
+        rule = rng.choice(MODEL_POLICY.allow)
+        low, high = rng.choice(rule.ports)
+        network = rng.choice(rule.nets)
+        host_bits = (32 if network.version == 4 else 128) - network.prefix
+        address = network.base | rng.getrandbits(host_bits) if host_bits else network.base
+        options = rng.getrandbits(3) & rule.options & (7 if network.version == 6 else 3)
+        transport = rng.choice(sorted(rule.transports))
+        return encode(CREATE, rid, transport, network.version, rng.randint(low, high), address,
+                      options)  # fmt: skip
+
+    def mutated(self) -> bytes:
+        rng = self.rng
+        data = bytearray(self.valid())
+        how = rng.random()
+        if how < 0.5:  # every bit in turn
+            data[self.bit // 8] ^= 0x80 >> self.bit % 8
+            self.bit = (self.bit + 1) % 256
+        elif how < 0.85:  # every field in turn, to a random value
+            offset, size = FIELDS[self.field]
+            data[offset : offset + size] = rng.randbytes(size)
+            self.field = (self.field + 1) % len(FIELDS)
+        elif how < 0.95:  # a few bits anywhere
+            for _ in range(rng.randint(2, 6)):
+                bit = rng.randrange(256)
+                data[bit // 8] ^= 0x80 >> bit % 8
+        else:  # cut or grown
+            size = rng.choice((1, 8, 16, 31, 33, 64, 1000))
+            data = data[:size] if size < 32 else data + rng.randbytes(size - 32)
+        return bytes(data)
+
+    def next(self) -> tuple[bytes, int, bool]:
+        """(data, number of fds to attach, attach credentials)."""
+        rng = self.rng
+        kind = rng.random()
+        if kind < 0.25:
+            roll = rng.random()
+            if roll < 0.4:
+                size = rng.randint(1, 64)
+            elif roll < 0.7:
+                size = rng.randint(1, 4096)
+            else:
+                size = rng.choice((31, 32, 33))
+            data = rng.randbytes(size)
+        elif kind < 0.35:
+            data = (
+                b"PS\x01" + bytes([rng.choice((1, 2))]) + rng.randbytes(rng.choice((28, 28, 4, 60)))
+            )
+        elif kind < 0.65:
+            data = self.mutated()
+        else:
+            data = self.valid()
+        fds = rng.randint(1, 8) if rng.random() < 0.25 else 0
+        if fds and rng.random() < 0.05:
+            data = b""  # an empty message with fds is a request with ancillary data
+        return data, fds, rng.random() < 0.1
+
+
+# ---------------------------------------------------------------------------
+# The helper and the fds we throw at it
+
+
+class LiveHelper:
+    """A real helper on a SOCK_SEQPACKET socketpair; its audit lines are counted."""
+
+    def __init__(self, policy: Path, argv: list[str]) -> None:
+        self.started = time.monotonic()
+        self.chan, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen(
+            [*argv, "--policy", str(policy)], stdin=theirs, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, env=HELPER_ENV, close_fds=True,
+        )  # fmt: skip
+        theirs.close()
+        self.chan.settimeout(REPLY_TIMEOUT)
+        self.decisions: collections.Counter[str] = collections.Counter()
+        self.messages: list[str] = []
+        assert self.proc.stderr is not None
+        self.reader = threading.Thread(target=self._drain, args=(self.proc.stderr,), daemon=True)
+        self.reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _drain(self, stream: IO[bytes]) -> None:
+        with stream:
+            for line in stream:
+                try:
+                    self.decisions[json.loads(line)["decision"]] += 1
+                except (ValueError, KeyError, TypeError):
+                    self.messages.append(line.decode("utf-8", "replace").rstrip())
+
+    def send(self, data: bytes, fds: list[int], creds: bool) -> None:
+        ancillary = []
+        if fds:
+            ancillary.append(
+                (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
+            )
+        if creds:
+            ucred = struct.pack("iII", os.getpid(), os.getuid(), os.getgid())
+            ancillary.append((socket.SOL_SOCKET, socket.SCM_CREDENTIALS, ucred))
+        self.chan.sendmsg([data], ancillary)
+
+    def recv(self) -> tuple[bytes, list[int], int]:
+        data, ancillary, flags, _ = self.chan.recvmsg(
+            64, socket.CMSG_SPACE(16 * 4), socket.MSG_CMSG_CLOEXEC
+        )
+        fds: list[int] = []
+        for level, kind, raw in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(raw[: len(raw) - len(raw) % got.itemsize])
+                fds.extend(got)
+        return data, fds, flags
+
+    def end(self, creds: bool = False) -> int | None:
+        """The documented end of a session: a zero-length message. Returns the
+        exit status, or None if the helper did not exit in time (then it is killed)."""
+        try:
+            self.send(b"", [], creds)
+        except OSError:
+            pass  # already gone: its exit status tells how
+        try:
+            code: int | None = self.proc.wait(timeout=REPLY_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            code = None
+        self.close()
+        return code
+
+    def close(self) -> None:
+        self.chan.close()
+        try:
+            self.proc.wait(timeout=REPLY_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.reader.join(timeout=REPLY_TIMEOUT)
+
+
+@contextmanager
+def fd_pool(chan: socket.socket) -> Iterator[list[int]]:
+    """Open fds of many kinds; after use, checks they are all still ours and working."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe_r, pipe_w = os.pipe()
+        unix_a, unix_b = socket.socketpair()
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tcp = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        epoll = select.epoll()
+        plain = [
+            os.open(Path(tmp) / "file", os.O_RDWR | os.O_CREAT),
+            os.open("/dev/null", os.O_RDONLY),
+            os.open(tmp, os.O_RDONLY | os.O_DIRECTORY),
+            os.eventfd(0),
+            os.memfd_create("privsock-live-fuzz"),
+        ]
+        pool = [*plain, pipe_r, pipe_w, unix_a.fileno(), unix_b.fileno(), udp.fileno(),
+                tcp.fileno(), epoll.fileno(), chan.fileno()]  # fmt: skip
+        try:
+            yield pool
+            # The helper's copies were closed; ours still work.
+            os.write(pipe_w, b"x")
+            assert os.read(pipe_r, 1) == b"x"
+            unix_a.send(b"y")
+            assert unix_b.recv(1) == b"y"
+        finally:
+            for fd in (*plain, pipe_r, pipe_w):
+                os.close(fd)
+            for s in (unix_a, unix_b, udp, tcp, epoll):
+                s.close()
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise ValueError(f"no VmRSS for pid {pid}")
+
+
+# ---------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class Figures:
+    datagrams: int = 0
+    with_fds: int = 0
+    fds_sent: int = 0
+    with_creds: int = 0
+    statuses: collections.Counter[str] = field(default_factory=collections.Counter)
+    granted_checked: int = 0
+    helpers: int = 0
+    clean_ends: int = 0
+    mismatches: list[str] = field(default_factory=list)
+    fd_samples: list[int] = field(default_factory=list)
+    rss_samples: list[int] = field(default_factory=list)
+    audit_lines: int = 0
+    replies: int = 0
+    bucket: model.BucketCheck | None = None
+    after_limit_ok: bool = False
+    seconds: float = 0.0
+
+    @property
+    def rss_growth_kib(self) -> int:
+        return max(self.rss_samples) - self.rss_samples[0] if self.rss_samples else 0
+
+    @property
+    def passed(self) -> bool:
+        return (
+            not self.mismatches and self.replies == self.datagrams
+            and self.audit_lines == self.datagrams and self.clean_ends == self.helpers
+            and all(n == 2 for n in self.fd_samples) and self.rss_growth_kib <= RSS_SLACK_KIB
+            and self.bucket is not None and not self.bucket.over and not self.bucket.under
+            and self.bucket.lower_checks > 0 and self.after_limit_ok
+        )  # fmt: skip
+
+    def as_dict(self) -> dict[str, object]:
+        bucket = self.bucket
+        return {
+            "datagrams": self.datagrams, "with_fds": self.with_fds, "fds_sent": self.fds_sent,
+            "with_credentials": self.with_creds, "statuses": dict(self.statuses),
+            "granted_sockets_checked": self.granted_checked, "helpers": self.helpers,
+            "clean_session_ends": self.clean_ends, "replies": self.replies,
+            "audit_lines": self.audit_lines, "lost": self.datagrams - self.replies,
+            "mismatches": self.mismatches[:20], "helper_fds": sorted(set(self.fd_samples)),
+            "rss_kib_first_last_max": (
+                [self.rss_samples[0], self.rss_samples[-1], max(self.rss_samples)]
+                if self.rss_samples else []
+            ),
+            "rate_limit": None if bucket is None else {
+                "rate": bucket.rate, "burst": bucket.burst, "grants": bucket.grants,
+                "refusals": bucket.refusals, "over": bucket.over[:5], "under": bucket.under[:5],
+                "lower_checks": bucket.lower_checks, "upper_checks": bucket.upper_checks,
+                "lower_span_s": round(bucket.lower_span, 3),
+            },
+            "valid_request_after_limit": self.after_limit_ok,
+            "seconds": round(self.seconds, 1), "passed": self.passed,
+        }  # fmt: skip
+
+    def summary(self) -> str:
+        b = self.bucket
+        limit = (f"rate limit {b.grants} grants / {b.refusals} refusals, "
+                 f"{len(b.over)} over and {len(b.under)} under the bucket"
+                 if b else "rate limit not run")  # fmt: skip
+        return (
+            f"live helper: {self.datagrams:,} datagrams ({self.with_fds:,} with {self.fds_sent:,} "
+            f"fds, {self.with_creds:,} with credentials) in {self.seconds:.1f}s; "
+            f"replies {self.replies:,}, lost {self.datagrams - self.replies}, "
+            f"mismatches {len(self.mismatches)}; statuses {dict(self.statuses)}; "
+            f"helper fds {sorted(set(self.fd_samples))}, RSS growth {self.rss_growth_kib} KiB; "
+            f"{limit}; {'PASSED' if self.passed else 'FAILED'}"
+        )
+
+
+_NAMES = {OK: "OK", model.DENIED: "DENIED", RATE_LIMITED: "RATE_LIMITED",
+          MALFORMED: "MALFORMED", OS_ERROR: "OS_ERROR"}  # fmt: skip
+
+
+def check_granted(fd: int, req: model.Request) -> str | None:
+    """What is wrong with a socket the helper granted for ``req``, or None."""
+    with socket.socket(fileno=fd) as sock:
+        family = socket.AF_INET if req.family == 4 else socket.AF_INET6
+        kind = socket.SOCK_DGRAM if req.transport == UDP else socket.SOCK_STREAM
+        if (sock.family, sock.type) != (family, kind):
+            return f"got a {sock.family.name}/{sock.type.name} socket"
+        host, port = sock.getsockname()[:2]
+        want_host = model.parse_address(host)[1]
+        if (want_host, port) != (req.address, req.port):
+            return f"bound to {host}:{port}"
+        opts = (
+            (model.REUSEADDR, socket.SOL_SOCKET, socket.SO_REUSEADDR),
+            (model.REUSEPORT, socket.SOL_SOCKET, socket.SO_REUSEPORT),
+        )
+        for flag, level, name in opts:
+            if bool(sock.getsockopt(level, name)) != bool(req.options & flag):
+                return f"option {name} is {sock.getsockopt(level, name)}"
+        if family == socket.AF_INET6:
+            # The kernel makes a socket bound to a specific IPv6 address v6-only
+            # whatever was set; only :: and IPv4-mapped addresses keep the choice.
+            mapped = req.address >> 32 == 0xFFFF
+            forced = req.address != 0 and not mapped
+            v6only = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+            if bool(v6only) != (forced or bool(req.options & model.V6ONLY)):
+                return f"IPV6_V6ONLY is {v6only}"
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return "the socket is listening"
+    return None
+
+
+def one(helper: LiveHelper, data: bytes, fds: list[int], creds: bool, figures: Figures,
+        max_retry_ms: int = 0) -> int | None:  # fmt: skip
+    """Send one datagram and check the reply. ``max_retry_ms`` > 0 means the
+    bucket may refuse, with a retry-after of at most that. Returns, for a
+    token-taking request, whether it got a token (1) or was refused (0)."""
+    want = expect(data, bool(fds))
+    helper.send(data, fds, creds)
+    reply, got_fds, flags = helper.recv()
+    if not reply and not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        raise ConnectionResetError(f"end of file: the helper exited ({helper.proc.poll()})")
+    figures.replies += 1
+    got = model.parse_reply(reply)
+    problem = None
+    token: int | None = None
+    if got is None or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        problem = f"bad reply {reply.hex()} flags {flags:#x}"
+    else:
+        figures.statuses[_NAMES[got.status]] += 1
+        if want.takes_token:
+            token = 0 if got.status == RATE_LIMITED else 1
+        actual = (got.status, got.rid, got.detail, got.code)
+        if max_retry_ms and want.takes_token and got.status == RATE_LIMITED:
+            if got.rid != want.rid or not 1 <= got.detail <= max_retry_ms or got.code:
+                problem = f"rate-limited reply {actual}"
+        elif actual != (want.status, want.rid, want.detail, want.code):
+            problem = (
+                f"reply {actual}, model says {(want.status, want.rid, want.detail, want.code)}"
+            )
+        elif len(got_fds) != (want.status == OK and want.takes_token):
+            problem = f"{len(got_fds)} fds with {_NAMES[got.status]}"
+        elif got_fds and want.request is not None:
+            problem = check_granted(got_fds.pop(), want.request)
+            figures.granted_checked += 1
+    for fd in got_fds:
+        os.close(fd)
+    if problem:
+        figures.mismatches.append(
+            f"datagram {data[:48].hex()}{'...' if len(data) > 48 else ''} (len {len(data)}, "
+            f"{len(fds)} fds, creds {creds}): {problem}"
+        )
+    return token
+
+
+def fuzz_helper(helper: LiveHelper, stream: Datagrams, figures: Figures, count: int | None,
+                until: float | None, max_retry_ms: int = 0,
+                events: list[tuple[float, float, bool]] | None = None) -> None:  # fmt: skip
+    """Send datagrams until ``count`` are sent or the monotonic clock passes ``until``."""
+    sent = 0
+    with fd_pool(helper.chan) as pool:
+        while (count is None or sent < count) and (until is None or time.monotonic() < until):
+            data, n_fds, creds = stream.next()
+            fds = [stream.rng.choice(pool) for _ in range(n_fds)]
+            t0 = time.monotonic()
+            try:
+                token = one(helper, data, fds, creds, figures, max_retry_ms)
+            except OSError as exc:  # EPIPE, ECONNRESET, or no reply within REPLY_TIMEOUT
+                figures.mismatches.append(f"helper {helper.pid} stopped serving: {exc!r}")
+                return
+            t1 = time.monotonic()
+            if events is not None and token is not None:
+                events.append((t0, t1, bool(token)))
+            sent += 1
+            figures.datagrams += 1
+            figures.with_fds += bool(fds)
+            figures.fds_sent += len(fds)
+            figures.with_creds += creds
+            if not max_retry_ms and sent % SAMPLE_EVERY == 0 and sent >= WARM_UP:
+                # After a PING round trip the helper is idle: the socket of an
+                # earlier grant is closed before it reads the next request.
+                one(helper, encode(PING, sent), [], False, figures)
+                figures.datagrams += 1
+                figures.fd_samples.append(fd_count(helper.pid))
+                figures.rss_samples.append(rss_kib(helper.pid))
+            if len(figures.mismatches) >= 50:
+                return
+
+
+def start(policy: Path, argv: list[str], figures: Figures) -> LiveHelper:
+    helper = LiveHelper(policy, argv)
+    figures.helpers += 1
+    # A PING answered means hardened and serving.
+    try:
+        helper.send(encode(PING, 1), [], False)
+        reply, fds, _ = helper.recv()
+    except OSError:
+        reply, fds = b"", []
+    if model.parse_reply(reply) != model.Reply(OK, 1, 0, 0) or fds:
+        helper.close()
+        raise RuntimeError(
+            f"helper did not start (exit status {helper.proc.returncode}): {helper.messages}"
+        )
+    return helper
+
+
+def finish(helper: LiveHelper, figures: Figures, creds: bool) -> None:
+    code = helper.end(creds)
+    figures.clean_ends += code == 0
+    if code != 0:
+        figures.mismatches.append(f"helper {helper.pid} ended with {code}: {helper.messages[-3:]}")
+    # Every datagram and the start-up PING left exactly one audit line.
+    figures.audit_lines += sum(helper.decisions.values()) - 1
+
+
+def write_policy(directory: Path, name: str, text: str) -> Path:
+    path = directory / name
+    path.write_text(text)
+    path.chmod(0o644)
+    return path
+
+
+def run(datagrams: int | None = None, seconds: float | None = None, seed: int | None = None,
+        limit_datagrams: int = 8_000, echo: Callable[[str], object] = lambda _: None,
+        argv: list[str] | None = None) -> Figures:  # fmt: skip
+    """Both phases. ``datagrams`` (at least MIN_DATAGRAMS) or ``seconds`` bound the first."""
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "big")
+    echo(f"live fuzzer seed {seed} (pass seed={seed} to repeat the stream)")
+    argv = argv or netns_argv()
+    figures = Figures()
+    stream = Datagrams(seed)
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="privsock-live-") as tmp:
+        os.chmod(tmp, 0o700)
+        directory = Path(tmp)
+        wide = write_policy(directory, "wide.toml", policy_text())
+        # rate x burst: a full bucket lasts 200 ms, longer than any stall we expect.
+        rate, burst = 500.0, 100
+        narrow = write_policy(directory, "narrow.toml", policy_text(rate, burst))
+
+        helper = start(wide, argv, figures)
+        try:
+            until = None if seconds is None else began + seconds * 0.9
+            count = max(datagrams or 0, MIN_DATAGRAMS) if seconds is None else None
+            fuzz_helper(helper, stream, figures, count, until)
+            if seconds is not None and figures.datagrams < MIN_DATAGRAMS:
+                fuzz_helper(helper, stream, figures, MIN_DATAGRAMS - figures.datagrams, None)
+        finally:
+            finish(helper, figures, creds=False)
+
+        events: list[tuple[float, float, bool]] = []
+        bucket = model.BucketCheck(rate, burst, time.monotonic())
+        helper = start(narrow, argv, figures)
+        try:
+            max_retry_ms = math.ceil(1000.0 / rate)  # one token's time
+            fuzz_helper(helper, stream, figures, limit_datagrams, None, max_retry_ms, events)
+            figures.bucket = bucket.run(events)
+            # Wait two tokens' time; then a valid, allowed request must succeed.
+            time.sleep(2 * max_retry_ms / 1000.0)
+            valid = encode(CREATE, 7, UDP, 4, 53, model.parse_address("127.0.0.1")[1])
+            wrong = len(figures.mismatches)
+            try:
+                token = one(helper, valid, [], False, figures)
+            except OSError as exc:
+                figures.mismatches.append(f"helper {helper.pid} stopped serving: {exc!r}")
+                token = None
+            figures.datagrams += 1
+            figures.after_limit_ok = token == 1 and len(figures.mismatches) == wrong
+        finally:
+            finish(helper, figures, creds=True)
+    figures.seconds = time.monotonic() - began
+    return figures
+
+
+if __name__ == "__main__":
+    result = run(datagrams=int(sys.argv[1]) if len(sys.argv) > 1 else None, echo=print)
+    print(result.summary())
+    for line in result.mismatches[:20]:
+        print("  ", line)
+    sys.exit(0 if result.passed else 1)
