@@ -139,7 +139,14 @@ class Server:
             stage = _STAGE_NAMES[Stage(reply.code)]
             self._audit(rid, req, "os_error", reason=stage, rule=verdict.rule, errno=reply.detail)
         else:
-            self._audit(rid, req, "granted", rule=verdict.rule)
+            try:
+                self._audit(rid, req, "granted", rule=verdict.rule)
+            except BaseException:
+                # EPIPE on the log: close the socket here, or the collector's
+                # ResourceWarning calls getsockname, which the filter kills.
+                assert sock is not None
+                sock.close()
+                raise
         return reply, sock
 
     def serve(self) -> None:
