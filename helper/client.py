@@ -1,7 +1,9 @@
 """SocketCreator: the boss's end of the channel to one helper process.
 
-It starts the helper on a SOCK_SEQPACKET socketpair (the helper's fd 0), checks
-the handshake with PING, and turns each reply into a socket or a typed
+It starts the helper on a SOCK_SEQPACKET socketpair (the helper's fd 0), or
+connects to a helper that systemd starts per connection (deploy/systemd: a
+socket unit with Accept=yes, so the boss never needs privilege), checks the
+handshake with PING, and turns each reply into a socket or a typed
 exception. Every wait is bounded. A helper that breaks the protocol, or stops
 answering, is killed: it is not trusted further.
 
@@ -127,10 +129,16 @@ def describe(transport: Transport, address: protocol.IPAddress, port: int) -> st
 
 
 class SocketCreator:
+    """``SocketCreator(policy)`` starts its own helper (this process needs root,
+    or CAP_NET_BIND_SERVICE as the policy's user); ``SocketCreator(connect=PATH)``
+    connects to a socket-activated helper instead: no child process, no privilege,
+    and a restart is a reconnect."""
+
     def __init__(
         self,
-        policy: str,
+        policy: str | None = None,
         *,
+        connect: str | None = None,
         helper_argv: Sequence[str] | None = None,
         audit_sink: AuditSink | None = _stderr_sink,
         start_timeout: float = 10.0,
@@ -138,7 +146,10 @@ class SocketCreator:
         max_restarts: int = 5,
         restart_window: float = 60.0,
     ) -> None:
-        self.policy = os.path.abspath(policy)
+        if (policy is None) == (connect is None):
+            raise ValueError("give either a policy file (start a helper) or connect=PATH")
+        self.policy = os.path.abspath(policy) if policy is not None else None
+        self.connect_path = connect
         self.helper_argv = list(helper_argv or default_helper_argv())
         self.audit_sink = audit_sink
         self.start_timeout = start_timeout
@@ -170,15 +181,21 @@ class SocketCreator:
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        if self._proc is not None:
+            return self._proc.poll() is None
+        return self._chan is not None
 
     def start(self) -> None:
-        """Start the helper and wait until it answers PING (it only serves once
-        hardened and verified). Raises HelperStartError with its message."""
-        if self._proc is not None:
+        """Start (or connect to) the helper and wait until it answers PING: it
+        only serves once hardened and verified. Raises HelperStartError."""
+        if self._chan is not None:
             raise CreatorError("this SocketCreator already has a helper")
         self._closed = False
         self._starts.append(time.monotonic())
+        if self.connect_path is not None:
+            self._connect(self.connect_path)
+            return
+        assert self.policy is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = subprocess.Popen(
@@ -206,6 +223,25 @@ class SocketCreator:
             self._reap_quietly()
             raise HelperStartError(exc.returncode, self._last_message()) from None
 
+    def _connect(self, path: str) -> None:
+        chan = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        chan.settimeout(self.start_timeout)
+        try:
+            chan.connect(path)
+        except OSError as exc:
+            chan.close()
+            raise HelperStartError(None, f"cannot connect to {path}: {exc.strerror}") from None
+        self._chan = chan
+        _LIVE.add(self)
+        try:
+            self._exchange(protocol.ping(self._new_id()), self.start_timeout)
+        except HelperDied:
+            self._reap_quietly()
+            raise HelperStartError(
+                None, f"the helper behind {path} closed the connection before answering "
+                "(see its journal: journalctl -u 'privsock-helper@*')",
+            ) from None  # fmt: skip
+
     def close(self) -> int | None:
         """End the helper (closing the channel is its signal to exit) and reap it.
         Returns its exit status."""
@@ -232,7 +268,7 @@ class SocketCreator:
         """Start a new helper by hand, also after a seccomp kill or the restart
         limit; sockets already handed out stay valid."""
         with self._lock:
-            if self._proc is not None:
+            if self._chan is not None:
                 self._reap_quietly()
             self._fatal = None
             self._starts.clear()
@@ -241,7 +277,7 @@ class SocketCreator:
     def _ensure_helper(self) -> None:
         """Supervision: a helper that died is replaced on the next request, at
         most max_restarts times per restart_window; a seccomp kill never is."""
-        if self._proc is not None:
+        if self._chan is not None:
             return
         if self._closed:
             raise CreatorError("this SocketCreator was closed")
@@ -319,7 +355,7 @@ class SocketCreator:
 
     def _exchange(self, req: Request, timeout: float) -> tuple[Reply, int | None]:
         chan = self._chan
-        if chan is None or self._proc is None:
+        if chan is None:
             raise HelperDied(None, "no helper is running")
         try:
             chan.sendmsg([protocol.encode_request(req)])
@@ -376,7 +412,8 @@ class SocketCreator:
     # -- helper failure -----------------------------------------------------
 
     def _kill(self, why: str) -> NoReturn:
-        """The helper misbehaved: kill it, reap it, raise."""
+        """The helper misbehaved: kill it, reap it, raise. (A connected helper is
+        not our child: closing the channel ends it.)"""
         proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGKILL)

@@ -78,5 +78,10 @@ class HelperDied(CreatorError):
 
 
 class HelperStartError(HelperDied):
-    """The helper refused to start (bad policy, no privilege, ...); ``detail``
-    holds its own one-line message."""
+    """The helper refused to start (bad policy, no privilege, ...) or could not
+    be reached; ``detail`` holds its own one-line message."""
+
+    def __init__(self, returncode: int | None, detail: str = "") -> None:
+        super().__init__(returncode, detail)
+        status = "" if returncode is None else f" ({describe_exit(returncode)})"
+        self.args = (f"privsock helper did not start{status}" + (f": {detail}" if detail else ""),)
