@@ -370,24 +370,31 @@ def start_python() -> int:
     return time.perf_counter_ns() - t0
 
 
-def import_times() -> dict[str, Any]:
-    """`python -X importtime` of the helper's imports: the total and the
-    top-level modules by cumulative microseconds."""
-    done = subprocess.run(
-        [sys.executable, "-I", "-X", "importtime", "-c", "import privsock.privileged.main"],
-        capture_output=True, text=True, check=True, env=HELPER_ENV,
-    )  # fmt: skip
-    rows = []
-    for line in done.stderr.splitlines():
-        found = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)", line)
-        if found:
-            rows.append({"self_us": int(found[1]), "cumulative_us": int(found[2]),
-                         "depth": (len(found[3]) - 1) // 2, "module": found[4]})  # fmt: skip
-    top = [r for r in rows if r["depth"] == 0]
+def import_times(runs: int = 5) -> dict[str, Any]:
+    """`python -X importtime` of the helper's imports, `runs` times: the run with
+    the median total, its top-level modules by cumulative microseconds, and
+    every run's total."""
+    found: list[tuple[int, list[dict[str, Any]], list[dict[str, Any]]]] = []
+    for _ in range(runs):
+        done = subprocess.run(
+            [sys.executable, "-I", "-X", "importtime", "-c", "import privsock.privileged.main"],
+            capture_output=True, text=True, check=True, env=HELPER_ENV,
+        )  # fmt: skip
+        rows: list[dict[str, Any]] = []
+        for line in done.stderr.splitlines():
+            hit = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)", line)
+            if hit:
+                rows.append({"self_us": int(hit[1]), "cumulative_us": int(hit[2]),
+                             "depth": (len(hit[3]) - 1) // 2, "module": hit[4]})  # fmt: skip
+        top = [r for r in rows if r["depth"] == 0]
+        found.append((sum(int(r["cumulative_us"]) for r in top), top, rows))
+    found.sort(key=lambda run: run[0])
+    total, top, rows = found[len(found) // 2]
     return {
-        "total_us": sum(r["cumulative_us"] for r in top),
+        "total_us": total,
         "top_level": sorted(top, key=lambda r: -r["cumulative_us"]),
         "all": rows,
+        "totals_us": [run[0] for run in found],
     }
 
 
@@ -598,8 +605,9 @@ def table(summary: dict[str, Any], results: dict[str, Any], machine: dict[str, A
         f"| {fmt(su['privsock'])} | {fmt(su['c_helper'])} | {fmt(su['python'])} "
         f"| {fmt(summary['start_up_ratio'], 2)} |",
         "",
-        f"`python -X importtime` of the helper's imports: {imp['total_us'] / 1000:.1f} ms "
-        f"in all; largest (cumulative ms): {top}.",
+        f"`python -X importtime` of the helper's imports (the median of "
+        f"{len(imp['totals_us'])} runs): {imp['total_us'] / 1000:.1f} ms in all; "
+        f"largest (cumulative ms): {top}.",
         "",
         "Memory once serving, MiB (target VmRSS <= 16 MiB for privsock):",
         "",
