@@ -365,6 +365,7 @@ s.close()
 for fd in fillers:
     os.close(fd)
 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+c.ping()  # once it answers, it has closed its copy of the last socket
 out["helper_fds"] = sorted(map(int, os.listdir(f"/proc/{c.pid}/fd")))
 kept.sendto(b"x", kept.getsockname())
 out["kept"] = kept.recv(8).decode()
