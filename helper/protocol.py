@@ -96,6 +96,7 @@ class Stage(enum.IntEnum):
     SOCKET = 1
     SETSOCKOPT = 2
     BIND = 3
+    SEND = 4  # passing the bound socket back failed (the fd was closed)
 
 
 class Reason(enum.IntEnum):

@@ -446,7 +446,7 @@ INVALID_CODES = [
     (Status.MALFORMED, [1, 255]),
     (Status.RATE_LIMITED, [1, 255]),
     (Status.DENIED, [0, 5, 255]),
-    (Status.OS_ERROR, [0, 4, 255]),
+    (Status.OS_ERROR, [0, 5, 255]),
 ]
 
 

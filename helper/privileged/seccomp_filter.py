@@ -47,6 +47,9 @@ with _direct_sonames():
 # SOCK_CLOEXEC (which Python always adds) does not need its own rule.
 _TYPE_MASK = 0xFFFFFFFF & ~(socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
 
+# ioctl(SIOCOUTQ): the bytes of our replies the boss has not read yet.
+SIOCOUTQ = 0x5411
+
 # The fd the helper keeps /proc/self/status on for its one self-check. It sits
 # above the RLIMIT_NOFILE the helper sets, so once closed that number can never
 # be handed out again, and `read` on it can never reach anything else.
@@ -86,6 +89,11 @@ ALLOWLIST: tuple[Allowed, ...] = (
         ),
     ),
     Allowed("bind", "bind the new socket; the address was checked against the policy"),
+    Allowed(
+        "ioctl",
+        "SIOCOUTQ on fd 0 only: has the boss read our last reply? (one fd in flight)",
+        ((_eq(0, 0), _eq(1, SIOCOUTQ)),),
+    ),
     Allowed("close", "close the helper's copy of a sent fd, and fds a boss sent it"),
     Allowed("write", "the audit log and fatal messages, only on fd 2", ((_eq(0, 2),),)),
     Allowed(

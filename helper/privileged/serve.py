@@ -12,6 +12,8 @@ only moves bytes and fds.
 from __future__ import annotations
 
 import array
+import errno
+import fcntl
 import os
 import socket
 import time
@@ -19,6 +21,7 @@ from collections.abc import Callable
 
 from privsock import audit, protocol
 from privsock.policy import Policy, decide
+from privsock.privileged.seccomp_filter import SIOCOUTQ
 from privsock.protocol import Option, Reply, Request, Stage, Status, Transport
 from privsock.ratelimit import TokenBucket
 
@@ -33,7 +36,22 @@ _SOCKOPTS: tuple[tuple[int, int, int], ...] = (
     (int(Option.V6ONLY), socket.IPPROTO_IPV6, socket.IPV6_V6ONLY),
 )
 _V6ONLY = int(Option.V6ONLY)
-_STAGE_NAMES = {Stage.SOCKET: "socket", Stage.SETSOCKOPT: "setsockopt", Stage.BIND: "bind"}
+_STAGE_NAMES = {
+    Stage.SOCKET: "socket", Stage.SETSOCKOPT: "setsockopt", Stage.BIND: "bind",
+    Stage.SEND: "send",
+}  # fmt: skip
+
+# Errors of sendmsg that concern this one fd, not the channel: the kernel counts
+# fds in flight per *user*, and every helper runs as the same user, so another
+# boss hoarding unread sockets can make our send fail (ETOOMANYREFS).
+_SEND_FD_ERRORS = (errno.ETOOMANYREFS, errno.EMFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def unread_replies(chan: socket.socket) -> bool:
+    """Whether the boss has replies of ours it has not read."""
+    queued = array.array("i", [0])
+    fcntl.ioctl(chan.fileno(), SIOCOUTQ, queued, True)
+    return queued[0] != 0
 
 
 def close_passed_fds(ancdata: list[tuple[int, int, bytes]]) -> int:
@@ -123,6 +141,11 @@ class Server:
         if req.op is protocol.Op.PING:
             self._audit(rid, req, "pong")
             return protocol.ok(rid), None
+        # One socket in flight per boss: fds in flight count against the user all
+        # helpers share, so a boss that stops reading must not hoard them.
+        if unread_replies(self.chan):
+            self._audit(rid, req, "rate_limited", reason="unread replies", retry_ms=1)
+            return protocol.rate_limited(rid, 1), None
         # The token goes before the decision, so probing the policy costs too.
         wait_ms = self.bucket.take(self.clock())
         if wait_ms:
@@ -169,5 +192,12 @@ class Server:
                     [protocol.encode_reply(reply)],
                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())],
                 )
+            except OSError as exc:
+                if exc.errno not in _SEND_FD_ERRORS:
+                    raise
+                # The reply did not go out; say why, without the fd.
+                self._audit(reply.request_id, None, "os_error", reason="send", errno=exc.errno)
+                failed = protocol.os_error(reply.request_id, exc.errno or 0, Stage.SEND)
+                self.chan.sendmsg([protocol.encode_reply(failed)])
             finally:
                 sock.close()
