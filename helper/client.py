@@ -29,7 +29,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import IO, Any, NoReturn
+from typing import Any, NoReturn
 
 from privsock import audit, protocol
 from privsock.errors import (
@@ -156,7 +156,8 @@ class SocketCreator:
         self.reply_timeout = reply_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._chan: socket.socket | None = None
-        self._reader: threading.Thread | None = None
+        self._stderr: int | None = None  # the helper's stderr pipe, non-blocking
+        self._partial = b""
         self._messages: collections.deque[str] = collections.deque(maxlen=20)
         self._lock = threading.Lock()
         self._next_id = 0
@@ -212,11 +213,10 @@ class SocketCreator:
         _LIVE.add(self)
         self._messages.clear()
         assert self._proc.stderr is not None
-        self._reader = threading.Thread(
-            target=self._read_stderr, args=(self._proc.stderr,), daemon=True,
-            name=f"privsock-helper-{self._proc.pid}-stderr",
-        )  # fmt: skip
-        self._reader.start()
+        # No reader thread: the helper writes its audit line before each reply,
+        # so the line is in the pipe by the time the reply is; drain it then.
+        self._stderr = self._proc.stderr.fileno()
+        os.set_blocking(self._stderr, False)
         try:
             self._exchange(protocol.ping(self._new_id()), self.start_timeout)
         except HelperDied as exc:
@@ -258,7 +258,7 @@ class SocketCreator:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        self._join_reader()
+        self._drain_stderr(final=True)
         self._proc = None
         return proc.returncode
 
@@ -361,7 +361,8 @@ class SocketCreator:
             chan.sendmsg([protocol.encode_request(req)])
         except OSError:
             raise self._died() from None
-        chan.settimeout(timeout)
+        if chan.gettimeout() != timeout:
+            chan.settimeout(timeout)
         try:
             data, ancdata, flags, _ = chan.recvmsg(
                 protocol.REPLY_SIZE + 1, _ANCBUF, socket.MSG_CMSG_CLOEXEC
@@ -374,6 +375,7 @@ class SocketCreator:
         if not data and not ancdata:
             raise self._died()
         try:
+            self._drain_stderr()
             return self._check_reply(req, data, ancdata, flags, fds)
         except BaseException:
             for fd in fds:
@@ -444,30 +446,48 @@ class SocketCreator:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        self._join_reader()
+        self._drain_stderr(final=True)
         self._proc = None
         return proc.returncode
-
-    def _join_reader(self) -> None:
-        if self._reader is not None:
-            self._reader.join(timeout=2.0)
-            self._reader = None
 
     def _last_message(self) -> str:
         return self._messages[-1] if self._messages else ""
 
-    def _read_stderr(self, stream: IO[bytes]) -> None:
-        """Forward the helper's audit lines; keep its other messages for errors."""
-        with stream:
-            for raw in stream:
-                line = raw.decode("utf-8", "replace").rstrip("\n")
-                try:
-                    rec = audit.parse(line)
-                except ValueError:
-                    self._messages.append(line.removeprefix("privsock-helper: "))
-                    continue
-                if self.audit_sink is not None:
-                    self.audit_sink(rec)
+    def _drain_stderr(self, final: bool = False) -> None:
+        """Forward the helper's audit lines; keep its other messages for errors.
+        ``final``: the helper is gone, read to the end and close the pipe."""
+        fd = self._stderr
+        if fd is None:
+            return
+        chunks = [self._partial]
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                final = True
+                break
+            chunks.append(chunk)
+        *lines, self._partial = b"".join(chunks).split(b"\n")
+        if final:
+            lines.append(self._partial)
+            self._partial = b""
+            assert self._proc is not None and self._proc.stderr is not None
+            self._proc.stderr.close()
+            self._stderr = None
+        for raw in lines:
+            if raw:
+                self._stderr_line(raw.decode("utf-8", "replace"))
+
+    def _stderr_line(self, line: str) -> None:
+        try:
+            rec = audit.parse(line)
+        except ValueError:
+            self._messages.append(line.removeprefix("privsock-helper: "))
+            return
+        if self.audit_sink is not None:
+            self.audit_sink(rec)
 
     def _log_boss(self, req: Request, reply: Reply) -> None:
         """The boss's own audit line for a reply, so the log holds both sides."""
