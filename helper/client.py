@@ -245,22 +245,9 @@ class SocketCreator:
     def close(self) -> int | None:
         """End the helper (closing the channel is its signal to exit) and reap it.
         Returns its exit status."""
-        proc, chan = self._proc, self._chan
-        self._chan = None
         self._closed = True
         _LIVE.discard(self)
-        if chan is not None:
-            chan.close()
-        if proc is None:
-            return None
-        try:
-            proc.wait(timeout=2.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        self._drain_stderr(final=True)
-        self._proc = None
-        return proc.returncode
+        return self._reap_quietly()
 
     # -- requests ---------------------------------------------------------
 
@@ -435,6 +422,8 @@ class SocketCreator:
         return died
 
     def _reap_quietly(self) -> int | None:
+        """Close the channel (a helper's cue to exit) and reap the helper,
+        killing it if it has not gone within 2 s."""
         proc = self._proc
         if self._chan is not None:
             self._chan.close()
