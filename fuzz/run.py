@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,6 +48,7 @@ MAX_LEN = {"protocol": 64, "policy_parser": 4096, "policy_decide": 512}
 DICTIONARIES = {"policy_parser": FUZZ / "policy.dict"}
 
 _DONE = re.compile(r"Done (\d+) runs in (\d+) second")
+_UNITS = re.compile(r"stat::number_of_executed_units: *(\d+)")
 _STATS = re.compile(r"cov: (\d+) ft: (\d+) corp: (\d+)/")
 
 
@@ -88,6 +90,7 @@ def finish(
         proc.kill()
         _, log = proc.communicate()
     done = _DONE.findall(log)
+    units = _UNITS.findall(log)  # also printed when the run stops at a failure
     stats = _STATS.findall(log)
     crashes = []
     for found in sorted(artifacts.iterdir()):
@@ -97,7 +100,7 @@ def finish(
         crashes.append(str(keep.relative_to(ROOT)))
     result: dict[str, object] = {
         "returncode": proc.returncode,
-        "runs": int(done[-1][0]) if done else 0,
+        "runs": int(done[-1][0]) if done else int(units[-1]) if units else 0,
         "seconds": int(done[-1][1]) if done else seconds,
         "cov": int(stats[-1][0]) if stats else 0,
         "ft": int(stats[-1][1]) if stats else 0,
@@ -115,12 +118,16 @@ def fuzz_targets(names: list[str], seconds: int) -> dict[str, dict[str, object]]
 
     seeds.write()
     running = {}
+    (ROOT / "build" / "fuzz").mkdir(parents=True, exist_ok=True)
     for name in names:
-        artifacts = ROOT / "build" / "fuzz" / "artifacts" / name
-        shutil.rmtree(artifacts, ignore_errors=True)
-        artifacts.mkdir(parents=True)
+        # A directory of this run's own: another run may be going on in this tree.
+        artifacts = Path(tempfile.mkdtemp(prefix=f"artifacts-{name}-", dir=ROOT / "build" / "fuzz"))
         running[name] = (start(name, seconds, artifacts), artifacts)
-    return {name: finish(name, proc, seconds, art) for name, (proc, art) in running.items()}
+    results = {}
+    for name, (proc, artifacts) in running.items():
+        results[name] = finish(name, proc, seconds, artifacts)
+        shutil.rmtree(artifacts, ignore_errors=True)  # what it held is in fuzz/regressions/
+    return results
 
 
 def main() -> int:

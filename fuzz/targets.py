@@ -188,8 +188,8 @@ def _address(b: Bytes, policy: Policy) -> ipaddress.IPv4Address | ipaddress.IPv6
     if how & 0x80 and networks:
         # Near a network of the policy: its first, second or last address.
         network = networks[how % len(networks)]
-        pick = (network.network_address, network.network_address + 1, network.broadcast_address)
-        address = pick[(how >> 4) % 3] if network.num_addresses > 1 else network.network_address
+        first, last = network.network_address, network.broadcast_address
+        address = (first, first + 1 if first != last else first, last)[(how >> 4) % 3]
         if how & 0x40 and address.version == 4:
             return ipaddress.IPv6Address(0xFFFF << 32 | int(address))  # IPv4-mapped
         return address
