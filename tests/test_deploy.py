@@ -56,6 +56,12 @@ def _installed(directory: Path) -> list[Path]:
             text.replace(INSTALLED_PYTHON, str(REPO / ".venv" / "bin" / "python"))
         )
         out.append(directory / unit.name)
+    if REPO.is_relative_to("/tmp"):
+        # A checkout under /tmp (a CI clone, say) is hidden by the unit's own
+        # PrivateTmp=; an installed helper lives under /opt or /usr instead.
+        dropin = directory / f"{SERVICE_UNIT.name}.d"
+        dropin.mkdir(exist_ok=True)
+        (dropin / "checkout.conf").write_text(f"[Service]\nBindReadOnlyPaths={REPO}\n")
     return out
 
 
