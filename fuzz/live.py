@@ -10,6 +10,10 @@ hold its ports. It gets datagrams of four kinds:
   field set to a random value (cycling through the fields);
 * well-formed requests for allowed, denied and unbindable ports and addresses.
 
+One in fifty is sent together with the next one, before either reply is read
+(a boss pipelining requests): a well-formed CREATE judged while an earlier
+reply is unread must be refused for 1 ms (one socket in flight per boss).
+
 A quarter carry SCM_RIGHTS with 1-8 fds of different kinds (files, pipes,
 sockets, an eventfd, a memfd, an epoll fd, a directory, and the boss's own end
 of the channel); some carry SCM_CREDENTIALS (the boss's real pid/uid/gid; the
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import array
 import collections
+import fcntl
 import json
 import math
 import os
@@ -45,6 +50,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -147,8 +153,10 @@ class Expected:
         return self.request is not None and self.request.op == CREATE
 
 
-def expect(data: bytes, with_fds: bool, policy: model.Policy = MODEL_POLICY) -> Expected:
-    """The reply the helper owes ``data`` (bucket permitting)."""
+def expect(data: bytes, with_fds: bool, unread: bool = False,
+           policy: model.Policy = MODEL_POLICY) -> Expected:  # fmt: skip
+    """The reply the helper owes ``data`` (bucket permitting); ``unread``: an
+    earlier reply is still unread by the boss."""
     rid = model.request_id(data)
     if with_fds:
         return Expected(MALFORMED, rid)
@@ -157,6 +165,8 @@ def expect(data: bytes, with_fds: bool, policy: model.Policy = MODEL_POLICY) -> 
         return Expected(MALFORMED, rid)
     if req.op == PING:
         return Expected(OK, rid)
+    if unread:  # one socket in flight per boss: refused for 1 ms, no token taken
+        return Expected(RATE_LIMITED, rid, 1, 0)
     verdict = model.decide(policy, req.transport, req.family, req.address, req.port, req.options)
     if not verdict.allowed:
         return Expected(model.DENIED, rid, 0, verdict.reason, req)
@@ -409,6 +419,8 @@ class Figures:
     with_fds: int = 0
     fds_sent: int = 0
     with_creds: int = 0
+    pipelined: int = 0  # pairs sent before reading either reply
+    send_refused: int = 0  # grants whose fd the kernel refused (see check())
     statuses: collections.Counter[str] = field(default_factory=collections.Counter)
     granted_checked: int = 0
     helpers: int = 0
@@ -430,7 +442,8 @@ class Figures:
     def passed(self) -> bool:
         return (
             not self.mismatches and self.replies == self.datagrams
-            and self.audit_lines == self.datagrams and self.clean_ends == self.helpers
+            and self.audit_lines == self.datagrams + self.send_refused
+            and self.clean_ends == self.helpers
             and all(n == 2 for n in self.fd_samples) and self.rss_growth_kib <= RSS_SLACK_KIB
             and self.bucket is not None and not self.bucket.over and not self.bucket.under
             and self.bucket.lower_checks > 0 and self.after_limit_ok
@@ -440,10 +453,12 @@ class Figures:
         bucket = self.bucket
         return {
             "datagrams": self.datagrams, "with_fds": self.with_fds, "fds_sent": self.fds_sent,
-            "with_credentials": self.with_creds, "statuses": dict(self.statuses),
+            "with_credentials": self.with_creds, "pipelined_pairs": self.pipelined,
+            "statuses": dict(self.statuses),
             "granted_sockets_checked": self.granted_checked, "helpers": self.helpers,
             "clean_session_ends": self.clean_ends, "replies": self.replies,
             "audit_lines": self.audit_lines, "lost": self.datagrams - self.replies,
+            "grants_whose_fd_send_was_refused": self.send_refused,
             "mismatches": self.mismatches[:20], "helper_fds": sorted(set(self.fd_samples)),
             "rss_kib_first_last_max": (
                 [self.rss_samples[0], self.rss_samples[-1], max(self.rss_samples)]
@@ -466,8 +481,10 @@ class Figures:
                  if b else "rate limit not run")  # fmt: skip
         return (
             f"live helper: {self.datagrams:,} datagrams ({self.with_fds:,} with {self.fds_sent:,} "
-            f"fds, {self.with_creds:,} with credentials) in {self.seconds:.1f}s; "
+            f"fds, {self.with_creds:,} with credentials, {self.pipelined:,} pipelined pairs) "
+            f"in {self.seconds:.1f}s; "
             f"replies {self.replies:,}, lost {self.datagrams - self.replies}, "
+            f"fd sends refused {self.send_refused}, "
             f"mismatches {len(self.mismatches)}; statuses {dict(self.statuses)}; "
             f"helper fds {sorted(set(self.fd_samples))}, RSS growth {self.rss_growth_kib} KiB; "
             f"{limit}; {'PASSED' if self.passed else 'FAILED'}"
@@ -509,6 +526,9 @@ def check_granted(fd: int, req: model.Request) -> str | None:
     return None
 
 
+Datagram = tuple[bytes, list[int], bool]  # data, fds to attach, credentials
+
+
 def one(helper: LiveHelper, data: bytes, fds: list[int], creds: bool, figures: Figures,
         max_retry_ms: int = 0) -> int | None:  # fmt: skip
     """Send one datagram and check the reply. ``max_retry_ms`` > 0 means the
@@ -516,6 +536,34 @@ def one(helper: LiveHelper, data: bytes, fds: list[int], creds: bool, figures: F
     token-taking request, whether it got a token (1) or was refused (0)."""
     want = expect(data, bool(fds))
     helper.send(data, fds, creds)
+    return check(helper, want, (data, fds, creds), figures, max_retry_ms)
+
+
+def pipelined(helper: LiveHelper, first: Datagram, second: Datagram, figures: Figures,
+              max_retry_ms: int = 0) -> int | None:  # fmt: skip
+    """Send two datagrams, then read both replies: the second is judged while
+    the first reply is unread. Returns the first's token, as one() does."""
+    wants = expect(first[0], bool(first[1])), expect(second[0], bool(second[1]), unread=True)
+    helper.send(*first)
+    helper.send(*second)
+    # Read nothing until both replies are queued (FIONREAD on SOCK_SEQPACKET
+    # counts every queued message): else the helper may judge the second after
+    # we have read the first reply.
+    queued = array.array("i", [0])
+    deadline = time.monotonic() + REPLY_TIMEOUT
+    while fcntl.ioctl(helper.chan.fileno(), termios.FIONREAD, queued, True) or queued[0] < 32:
+        if time.monotonic() > deadline:
+            raise TimeoutError("no two replies to a pipelined pair")
+        time.sleep(0.00005)
+    token = check(helper, wants[0], first, figures, max_retry_ms)
+    check(helper, wants[1], second, figures, max_retry_ms)
+    return token
+
+
+def check(helper: LiveHelper, want: Expected, sent: Datagram, figures: Figures,
+          max_retry_ms: int) -> int | None:  # fmt: skip
+    """Read one reply and compare it with ``want``."""
+    data, fds, creds = sent
     reply, got_fds, flags = helper.recv()
     if not reply and not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
         raise ConnectionResetError(f"end of file: the helper exited ({helper.proc.poll()})")
@@ -533,6 +581,13 @@ def one(helper: LiveHelper, data: bytes, fds: list[int], creds: bool, figures: F
         if max_retry_ms and want.takes_token and got.status == RATE_LIMITED:
             if got.rid != want.rid or not 1 <= got.detail <= max_retry_ms or got.code:
                 problem = f"rate-limited reply {actual}"
+        elif want.status == OK and want.takes_token and actual[:2] == (OS_ERROR, want.rid):
+            # PROTOCOL.md: the kernel may refuse the fd itself. The budget of fds
+            # in flight is the helper user's, shared with every other helper on
+            # the machine, so another boss can exhaust it for a moment.
+            if got.code != model.STAGE_SEND or got.detail not in model.SEND_ERRNOS or got_fds:
+                problem = f"reply {actual} with {len(got_fds)} fds, model says OK"
+            figures.send_refused += 1
         elif actual != (want.status, want.rid, want.detail, want.code):
             problem = (
                 f"reply {actual}, model says {(want.status, want.rid, want.detail, want.code)}"
@@ -556,26 +611,32 @@ def fuzz_helper(helper: LiveHelper, stream: Datagrams, figures: Figures, count: 
                 until: float | None, max_retry_ms: int = 0,
                 events: list[tuple[float, float, bool]] | None = None) -> None:  # fmt: skip
     """Send datagrams until ``count`` are sent or the monotonic clock passes ``until``."""
-    sent = 0
+    sent, next_sample = 0, WARM_UP
     with fd_pool(helper.chan) as pool:
         while (count is None or sent < count) and (until is None or time.monotonic() < until):
-            data, n_fds, creds = stream.next()
-            fds = [stream.rng.choice(pool) for _ in range(n_fds)]
+            batch = [stream.next() for _ in range(2 if stream.rng.random() < 0.02 else 1)]
+            datagrams = [(d, [stream.rng.choice(pool) for _ in range(n)], c) for d, n, c in batch]
             t0 = time.monotonic()
             try:
-                token = one(helper, data, fds, creds, figures, max_retry_ms)
+                if len(datagrams) == 2:
+                    token = pipelined(helper, *datagrams, figures, max_retry_ms)
+                    figures.pipelined += 1
+                else:
+                    token = one(helper, *datagrams[0], figures, max_retry_ms)
             except OSError as exc:  # EPIPE, ECONNRESET, or no reply within REPLY_TIMEOUT
                 figures.mismatches.append(f"helper {helper.pid} stopped serving: {exc!r}")
                 return
             t1 = time.monotonic()
             if events is not None and token is not None:
                 events.append((t0, t1, bool(token)))
-            sent += 1
-            figures.datagrams += 1
-            figures.with_fds += bool(fds)
-            figures.fds_sent += len(fds)
-            figures.with_creds += creds
-            if not max_retry_ms and sent % SAMPLE_EVERY == 0 and sent >= WARM_UP:
+            for _, fds, creds in datagrams:
+                sent += 1
+                figures.datagrams += 1
+                figures.with_fds += bool(fds)
+                figures.fds_sent += len(fds)
+                figures.with_creds += creds
+            if not max_retry_ms and sent >= next_sample:
+                next_sample += SAMPLE_EVERY
                 # After a PING round trip the helper is idle: the socket of an
                 # earlier grant is closed before it reads the next request.
                 one(helper, encode(PING, sent), [], False, figures)
@@ -608,7 +669,8 @@ def finish(helper: LiveHelper, figures: Figures, creds: bool) -> None:
     figures.clean_ends += code == 0
     if code != 0:
         figures.mismatches.append(f"helper {helper.pid} ended with {code}: {helper.messages[-3:]}")
-    # Every datagram and the start-up PING left exactly one audit line.
+    # Every datagram and the start-up PING left exactly one audit line (a grant
+    # whose fd could not be sent, two).
     figures.audit_lines += sum(helper.decisions.values()) - 1
 
 

@@ -20,7 +20,9 @@ CREATE, PING = 1, 2
 UDP, TCP = 1, 2
 REUSEADDR, REUSEPORT, V6ONLY = 1, 2, 4
 OK, DENIED, RATE_LIMITED, MALFORMED, OS_ERROR = 0, 1, 2, 3, 4
-STAGE_SOCKET, STAGE_SETSOCKOPT, STAGE_BIND = 1, 2, 3
+STAGE_SOCKET, STAGE_SETSOCKOPT, STAGE_BIND, STAGE_SEND = 1, 2, 3, 4
+# The errors of passing the fd itself, which end a grant as OS_ERROR at STAGE_SEND.
+SEND_ERRNOS = frozenset({errno.ETOOMANYREFS, errno.EMFILE, errno.ENOBUFS, errno.ENOMEM})
 REASON_PORT, REASON_ADDRESS, REASON_TRANSPORT, REASON_OPTION = 1, 2, 3, 4
 
 _BITS = {4: 32, 6: 128}
@@ -88,7 +90,7 @@ def parse_reply(data: bytes) -> Reply | None:
     status, code = data[3], data[12]
     rid, detail = int.from_bytes(data[4:8], "big"), int.from_bytes(data[8:12], "big")
     if status == OS_ERROR:
-        valid = code in (STAGE_SOCKET, STAGE_SETSOCKOPT, STAGE_BIND)
+        valid = code in (STAGE_SOCKET, STAGE_SETSOCKOPT, STAGE_BIND, STAGE_SEND)
     elif status == DENIED:
         valid = code in (REASON_PORT, REASON_ADDRESS, REASON_TRANSPORT, REASON_OPTION)
         valid = valid and detail == 0

@@ -49,10 +49,7 @@ def policy(root: None, policy_factory: Callable[[str], Path]) -> Iterator[Path]:
     path = policy_factory(live.policy_text())
     yield path
     # Whatever the test did, no process naming its policy is left afterwards.
-    deadline = time.monotonic() + BOUND
-    while processes_naming(path) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert processes_naming(path) == []
+    assert gone_by_policy(path, BOUND), processes_naming(path)
 
 
 def creator_for(policy: Path, **kw: Any) -> SocketCreator:
@@ -64,6 +61,21 @@ def creator_for(policy: Path, **kw: Any) -> SocketCreator:
 def creator(policy: Path) -> Iterator[SocketCreator]:
     with creator_for(policy, reply_timeout=1.0) as c:
         yield c
+
+
+def granted(c: SocketCreator, *args: Any) -> tuple[socket.socket, int]:
+    """c.create(*args), asked again while the kernel refuses to pass the fd: the
+    helper user's budget of fds in flight is shared with every helper on the
+    machine, so another boss can use it up for a moment (PROTOCOL.md, stage
+    send). Returns the socket and how many tries it took."""
+    for tries in range(1, 101):
+        try:
+            return c.create(*args), tries
+        except CreatorOSError as exc:
+            if exc.stage is not Stage.SEND or tries == 100:
+                raise
+            time.sleep(0.01)
+    raise AssertionError("unreachable")
 
 
 def still_works(sock: socket.socket) -> bool:
@@ -93,6 +105,16 @@ def in_flight(call: Callable[[], object]) -> tuple[threading.Thread, list[object
         time.sleep(0.001)
     wait_in_syscall(tid[0], {SYS_POLL, SYS_RECVMSG})
     return worker, outcome
+
+
+def gone_by_policy(path: Path, within: float) -> bool:
+    """True once no process names ``path``, polled up to ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while processes_naming(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def processes_naming(path: Path) -> list[int]:
@@ -166,20 +188,6 @@ def test_audit_pipe_closed_mid_request_ends_the_helper_cleanly(policy: Path) -> 
     assert proc.wait(BOUND) == Exit.OK
 
 
-@pytest.mark.xfail(strict=True, reason="client bug, reported: a raising audit_sink ends the "
-                   "stderr reader, and the helper then dies on its next audit line")  # fmt: skip
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_a_raising_audit_sink_does_not_take_the_helper_down(policy: Path) -> None:
-    def sink(record: dict[str, Any]) -> None:
-        if record["side"] == "helper":  # called from the client's stderr reader
-            raise RuntimeError("the audit sink is broken")
-
-    with creator_for(policy, audit_sink=sink) as c:
-        for i in range(20):  # over a second: the reader is long gone by the end
-            c.create("udp", "127.0.0.1", 1000 + i % 5).close()
-            time.sleep(0.05)
-
-
 @pytest.mark.xfail(strict=True, reason="client bug, reported: PR_SET_PDEATHSIG fires when the "
                    "thread that started the helper exits, not the boss process")  # fmt: skip
 def test_helper_started_by_a_short_lived_thread_outlives_the_thread(policy: Path) -> None:
@@ -235,7 +243,7 @@ def test_boss_death_mid_work_leaves_no_process(policy: Path, how: str) -> None:
         if how == "exception":
             assert "RuntimeError: a bug in the boss" in err
         assert gone(helper, 1.0)  # the issue's bound: exits within 1 s of the boss
-        assert processes_naming(policy) == []
+        assert processes_naming(policy) == []  # nothing else either (the wrapper execs)
     finally:
         boss.kill()
         boss.wait()
@@ -297,9 +305,10 @@ def test_eintr_storms_on_both_sides_lose_and_duplicate_nothing(policy: Path) -> 
                 transport = ("udp", "tcp")[i % 2]
                 address = f"127.0.{i // 250}.{i % 250 + 1}"
                 port = (1000, 1001, 1002, 1003, 1004, 1006, 1007, 1008, 1009, 1010)[i % 10]
-                with c.create(transport, address, port) as s:
-                    assert s.getsockname() == (address, port)
-                expected.append((transport, address, port))
+                sock, tries = granted(c, transport, address, port)
+                with sock:
+                    assert sock.getsockname() == (address, port)
+                expected += [(transport, address, port)] * tries
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0, 0)
             stop.set()
@@ -308,11 +317,11 @@ def test_eintr_storms_on_both_sides_lose_and_duplicate_nothing(policy: Path) -> 
             for s, handler in saved.items():
                 signal.signal(s, handler)
         assert c.pid == helper  # it never died
-    # close() joined the audit reader: every line the helper wrote is in.
+    # close() read the helper's stderr to the end: every line it wrote is in.
     helper_lines = [r for r in records if r["side"] == "helper" and r["op"] == "CREATE"]
     boss_lines = [r for r in records if r["side"] == "boss"]
     assert [(r["transport"], r["address"], r["port"]) for r in helper_lines] == expected
-    assert len({r["id"] for r in helper_lines}) == STORM_REQUESTS  # none repeated
+    assert len({r["id"] for r in helper_lines}) == len(expected) >= STORM_REQUESTS  # no repeat
     assert {r["decision"] for r in helper_lines} == {"granted"}
     assert [r["id"] for r in boss_lines] == [r["id"] for r in helper_lines]
     print(f"{handled[0]} signals handled in the boss, {sent_to_helper[0]} sent to the helper "

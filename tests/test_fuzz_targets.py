@@ -134,6 +134,8 @@ def test_model_reads_the_hand_built_replies() -> None:
         model.OS_ERROR, tproto.RID, 98, 3
     )
     assert model.parse_reply(tproto.hand_reply(status=1, code=5)) is None  # no reason 5
+    assert model.parse_reply(tproto.hand_reply(status=4, detail=109, code=4)) is not None  # send
+    assert model.parse_reply(tproto.hand_reply(status=4, detail=109, code=5)) is None
     assert model.parse_reply(tproto.hand_reply(status=0, detail=1)) is None
     assert model.parse_reply(tproto.hand_reply(status=5)) is None
 

@@ -91,6 +91,19 @@ def test_hand_written_cases_agree_with_the_model_and_the_helper(
         os.close(w)
 
 
+def test_a_create_sent_before_the_last_reply_was_read_waits(helper: live.LiveHelper) -> None:
+    figures = live.Figures()
+    first = _request(1, UDP, "127.0.0.1", 53, 0)
+    second = _request(2, UDP, "127.0.0.1", 80, 0)
+    # PROTOCOL.md: refused with a retry-after of 1 ms, and no token taken.
+    assert live.expect(second, False, unread=True) == live.Expected(model.RATE_LIMITED, 2, 1, 0)
+    live.pipelined(helper, (first, [], False), (second, [], False), figures)
+    assert figures.mismatches == []
+    assert figures.statuses == {"OK": 1, "RATE_LIMITED": 1}
+    live.one(helper, second, [], False, figures)  # once the reply is read, it is served
+    assert figures.mismatches == [] and figures.statuses["OK"] == 2
+
+
 @pytest.mark.slow
 def test_live_helper_survives_50000_hostile_datagrams(root: None) -> None:
     seed = int(os.environ["LIVE_FUZZ_SEED"]) if "LIVE_FUZZ_SEED" in os.environ else None
@@ -98,11 +111,14 @@ def test_live_helper_survives_50000_hostile_datagrams(root: None) -> None:
     print(figures.summary())
     assert figures.mismatches == []
     assert figures.datagrams >= live.MIN_DATAGRAMS
-    # Nothing lost: one reply and one audit line for every datagram.
-    assert figures.replies == figures.datagrams == figures.audit_lines
+    # Nothing lost: one reply and one audit line for every datagram (and one more
+    # for a grant whose fd the kernel refused: another process of the helper's
+    # user may hold its budget of fds in flight for a moment; PROTOCOL.md).
+    assert figures.replies == figures.datagrams
+    assert figures.audit_lines == figures.datagrams + figures.send_refused
     # Both helpers served to the end and left at the documented end of session.
     assert figures.helpers == figures.clean_ends == 2
-    assert figures.with_fds > 5_000 and figures.with_creds > 2_000
+    assert figures.with_fds > 5_000 and figures.with_creds > 2_000 and figures.pipelined > 300
     assert figures.granted_checked > 1_000  # every granted socket was inspected
     assert {"DENIED", "MALFORMED", "OS_ERROR", "RATE_LIMITED"} <= set(figures.statuses)
     # Flat after warm-up: exactly the two idle fds, and no RSS growth beyond the slack.
