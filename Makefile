@@ -34,7 +34,7 @@ test-containers: bootstrap-containers
 
 # mypy sees the package under its import name through a symlink (pyproject maps privsock to helper/).
 lint: bootstrap
-	$(VENV)/bin/ruff check helper tests
+	$(VENV)/bin/ruff check helper tests fuzz bench threat-model
 	@mkdir -p build/typecheck && ln -sfn ../../helper build/typecheck/privsock
 	MYPYPATH=build/typecheck $(VENV)/bin/mypy --strict -p privsock
 

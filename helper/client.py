@@ -7,6 +7,9 @@ handshake with PING, and turns each reply into a socket or a typed
 exception. Every wait is bounded. A helper that breaks the protocol, or stops
 answering, is killed: it is not trusted further.
 
+If the audit sink raises, the request fails with that exception and its
+socket is closed: no grant goes unlogged.
+
 Life cycle: use it as a context manager (``with SocketCreator(policy) as c:``),
 or call close(). Every creator still open at a normal interpreter exit is
 closed by an atexit hook. SIGTERM does not give a normal exit by default:
@@ -19,6 +22,7 @@ from __future__ import annotations
 import array
 import atexit
 import collections
+import concurrent.futures
 import ipaddress
 import os
 import signal
@@ -68,6 +72,13 @@ class HelperRestartLimit(HelperDied):
 class FdNotReceived(CreatorError):
     """The helper sent a socket, but the kernel could not install it here
     (MSG_CTRUNC: usually this process is out of file descriptors)."""
+
+
+# The helper's PR_SET_PDEATHSIG fires when the *thread* that forked it exits,
+# not the process. So every helper is forked by this one long-lived thread:
+# a creator started or restarted from a short-lived request thread keeps its
+# helper, and the helper still dies with the boss process.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="privsock-spawner")
 
 
 # Every creator with a running helper, so that a normal interpreter exit
@@ -199,11 +210,11 @@ class SocketCreator:
         assert self.policy is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self._proc = subprocess.Popen(
-                [*self.helper_argv, "--policy", self.policy],
+            self._proc = _SPAWNER.submit(
+                subprocess.Popen, [*self.helper_argv, "--policy", self.policy],
                 stdin=theirs.fileno(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 close_fds=True, env=HELPER_ENV,
-            )  # fmt: skip
+            ).result()  # fmt: skip
         except OSError as exc:
             ours.close()
             raise HelperStartError(None, f"cannot run {self.helper_argv[0]}: {exc}") from exc

@@ -188,8 +188,6 @@ def test_audit_pipe_closed_mid_request_ends_the_helper_cleanly(policy: Path) -> 
     assert proc.wait(BOUND) == Exit.OK
 
 
-@pytest.mark.xfail(strict=True, reason="client bug, reported: PR_SET_PDEATHSIG fires when the "
-                   "thread that started the helper exits, not the boss process")  # fmt: skip
 def test_helper_started_by_a_short_lived_thread_outlives_the_thread(policy: Path) -> None:
     c = creator_for(policy)
     try:
