@@ -481,6 +481,8 @@ class SocketCreator:
                 self._stderr_line(raw.decode("utf-8", "replace"))
 
     def _stderr_line(self, line: str) -> None:
+        if self.audit_sink is None and line.startswith("{"):
+            return  # an audit line nobody wants: not worth parsing
         try:
             rec = audit.parse(line)
         except ValueError:
