@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from privsock.client import SocketCreator
-from privsock.exitcodes import Exit
+from privsock.exitcodes import DESCRIPTIONS, Exit
 
-from .conftest import DEFAULT_POLICY
+from .conftest import DEFAULT_POLICY, REPO
 
 
 def privsock(*args: str) -> subprocess.CompletedProcess[str]:
@@ -88,3 +88,9 @@ def test_bad_arguments_get_one_line_and_a_usage(args: list[str], code: int, mess
     assert result.returncode == code
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_readme_lists_every_helper_exit_code() -> None:
+    readme = (REPO / "README.md").read_text()
+    for code, text in DESCRIPTIONS.items():
+        assert f"| {int(code)} | `{code.name}` | {text} |" in readme
