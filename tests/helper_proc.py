@@ -97,3 +97,20 @@ def gone(pid: int, within: float) -> bool:
 
 
 PYTHON = sys.executable
+
+
+# /proc/PID/status of a process that gave up every privilege (a server
+# started by privsock exec): non-root, no capability in any set, no_new_privs.
+DROPPED_STATUS = """Name:\tpython3
+Pid:\t4242
+Uid:\t999\t999\t999\t999
+Gid:\t995\t995\t995\t995
+Groups:\t
+NoNewPrivs:\t1
+Seccomp:\t0
+CapInh:\t0000000000000000
+CapPrm:\t0000000000000000
+CapEff:\t0000000000000000
+CapBnd:\t0000000000000000
+CapAmb:\t0000000000000000
+"""

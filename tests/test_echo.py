@@ -11,19 +11,7 @@ import pytest
 
 from privsock.examples.echo import ActivationError, identity, listen_fds
 
-STATUS = """Name:\tpython3
-Pid:\t4242
-Uid:\t999\t999\t999\t999
-Gid:\t995\t995\t995\t995
-Groups:\t
-NoNewPrivs:\t1
-Seccomp:\t0
-CapInh:\t0000000000000000
-CapPrm:\t0000000000000000
-CapEff:\t0000000000000000
-CapBnd:\t0000000000000000
-CapAmb:\t0000000000000000
-"""
+from .helper_proc import DROPPED_STATUS
 
 
 def test_listen_fds_follows_sd_listen_fds() -> None:
@@ -49,7 +37,8 @@ def test_listen_fds_refuses_what_is_not_ours(env: dict[str, str], message: str) 
 
 
 def test_identity_says_no_privilege_only_when_true() -> None:
-    assert "I hold no privilege: CapEff=0 CapPrm=0 CapBnd=0 NoNewPrivs=1." in identity(STATUS)
+    said = identity(DROPPED_STATUS)
+    assert "I hold no privilege: CapEff=0 CapPrm=0 CapBnd=0 NoNewPrivs=1." in said
     for before, after in [
         ("CapEff:\t0000000000000000", "CapEff:\t0000000000000400"),
         ("CapBnd:\t0000000000000000", "CapBnd:\t000001ffffffffff"),
@@ -57,7 +46,7 @@ def test_identity_says_no_privilege_only_when_true() -> None:
         ("NoNewPrivs:\t1", "NoNewPrivs:\t0"),
         ("Uid:\t999\t999\t999\t999", "Uid:\t999\t999\t0\t999"),
     ]:
-        said = identity(STATUS.replace(before, after))
+        said = identity(DROPPED_STATUS.replace(before, after))
         assert "WARNING: I hold privilege" in said and "no privilege" not in said, after
 
 

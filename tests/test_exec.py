@@ -26,6 +26,8 @@ from privsock.dropall import Target, verify
 from privsock.execcmd import parse_listen
 from privsock.exitcodes import Exit
 
+from .helper_proc import DROPPED_STATUS
+
 PRIVSOCK = str(Path(sys.executable).with_name("privsock"))
 GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
 USER = pwd.getpwnam("privsock")
@@ -389,21 +391,6 @@ def test_parse_listen_refuses(spec: str) -> None:
     assert "\n" not in str(info.value)
 
 
-STATUS = """Name:\tx
-Pid:\t1
-Uid:\t999\t999\t999\t999
-Gid:\t995\t995\t995\t995
-Groups:\t
-NoNewPrivs:\t1
-Seccomp:\t0
-CapInh:\t0000000000000000
-CapPrm:\t0000000000000000
-CapEff:\t0000000000000000
-CapBnd:\t0000000000000000
-CapAmb:\t0000000000000000
-"""
-
-
 @pytest.mark.parametrize(
     ("change", "problem"),
     [
@@ -420,6 +407,6 @@ CapAmb:\t0000000000000000
 )
 def test_verify_finds_every_difference(change: tuple[str, str], problem: str) -> None:
     target = Target("privsock", 999, 995, "/nonexistent")
-    assert verify(STATUS, target) == []
-    problems = verify(STATUS.replace(*change), target)
+    assert verify(DROPPED_STATUS, target) == []
+    problems = verify(DROPPED_STATUS.replace(*change), target)
     assert len(problems) == 1 and problem in problems[0], problems
