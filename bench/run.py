@@ -51,8 +51,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from privsock import protocol
 from privsock.client import HELPER_ENV, SocketCreator, default_helper_argv
+from privsock.helper import protocol
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -90,9 +90,9 @@ KINDS = [
 ]
 PIPELINE_DEPTHS = (1, 4, 8)
 # The helper serves a CREATE only once every earlier reply has been read (one
-# socket in flight per boss: helper/PROTOCOL.md), so it is measured at depth 1.
+# socket in flight per boss: privsock/helper/PROTOCOL.md), so it is measured at depth 1.
 PIPELINERS = [
-    ("privsock_py", "privsock.protocol in Python -> privsock-helper", (1,)),
+    ("privsock_py", "privsock.helper.protocol in Python -> privsock-helper", (1,)),
     ("privsock_c", "C driver -> privsock-helper", (1,)),
     ("c_limit", "C driver -> C reference helper", PIPELINE_DEPTHS),
 ]
@@ -330,7 +330,7 @@ def c_pipelined(lib: ctypes.CDLL, chan: socket.socket, base: int, depth: int, n:
 
 
 def py_pipelined(chan: socket.socket, base: int, depth: int, n: int) -> int:
-    """c_pipelined in Python with privsock.protocol, over the raw channel."""
+    """c_pipelined in Python with privsock.helper.protocol, over the raw channel."""
     address = ipaddress.IPv4Address(ADDRESS[4])
     sent = done = 0
     t0 = time.perf_counter_ns()
@@ -379,7 +379,7 @@ def import_times(runs: int = 5) -> dict[str, Any]:
     found: list[tuple[int, list[dict[str, Any]], list[dict[str, Any]]]] = []
     for _ in range(runs):
         done = subprocess.run(
-            [sys.executable, "-I", "-X", "importtime", "-c", "import privsock.privileged.main"],
+            [sys.executable, "-I", "-X", "importtime", "-c", "import privsock.helper.main"],
             capture_output=True, text=True, check=True, env=HELPER_ENV,
         )  # fmt: skip
         rows: list[dict[str, Any]] = []

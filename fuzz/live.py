@@ -64,7 +64,7 @@ from fuzz.model import CREATE, MALFORMED, OK, OS_ERROR, PING, RATE_LIMITED, STAG
 
 PYTHON = sys.executable
 HELPER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
-HELPER = [PYTHON, "-I", "-m", "privsock.privileged.main"]
+HELPER = [PYTHON, "-I", "-m", "privsock.helper.main"]
 REPLY_TIMEOUT = 10.0  # a bound on every wait, far above any real reply time
 SAMPLE_EVERY = 2_500
 WARM_UP = 5_000

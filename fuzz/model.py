@@ -2,8 +2,8 @@
 
 The fuzz targets and the live-helper fuzzer check the product against this
 module, so it must not share code with it: it imports nothing from privsock and
-follows helper/PROTOCOL.md (the wire rules), policy/README.md and the
-privsock.policy docstring (the decision), and the token-bucket definition (the
+follows privsock/helper/PROTOCOL.md (the wire rules), policy/README.md and the
+privsock.helper.policy docstring (the decision), and the token-bucket definition (the
 rate limit). Addresses are plain integers here, networks are (version, base,
 prefix) triples, and every rule is spelled out by hand, so a mistake shared with
 the product would have to be made twice in two different shapes.

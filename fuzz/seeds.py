@@ -19,8 +19,8 @@ CORPUS = ROOT / "fuzz" / "corpus"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from privsock import protocol  # noqa: E402
-from privsock.policy import Policy, Rule  # noqa: E402
+from privsock.helper import protocol  # noqa: E402
+from privsock.helper.policy import Policy, Rule  # noqa: E402
 from tests import conftest  # noqa: E402
 from tests import test_helper_e2e as e2e  # noqa: E402
 from tests import test_policy as tpol  # noqa: E402

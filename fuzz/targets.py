@@ -22,18 +22,11 @@ import tomllib
 from collections.abc import Callable
 
 from fuzz import model
-from privsock import protocol
-from privsock.policy import (
-    Decision,
-    Policy,
-    PolicyError,
-    RateLimit,
-    Rule,
-    decide,
-    describe,
-    parse_policy,
-)
-from privsock.protocol import Option, ProtocolError, Reason, Transport
+from privsock.helper import protocol
+from privsock.helper.policy import Decision, Policy, RateLimit, Rule, decide
+from privsock.helper.policyparse import PolicyError, parse_policy
+from privsock.helper.protocol import Option, ProtocolError, Reason, Transport
+from privsock.policyview import describe
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z")
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")

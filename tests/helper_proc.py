@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from privsock import protocol
 from privsock.client import HELPER_ENV, default_helper_argv
-from privsock.protocol import REPLY_SIZE
+from privsock.helper import protocol
+from privsock.helper.protocol import REPLY_SIZE
 
 
 class RawHelper:

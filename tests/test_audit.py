@@ -1,4 +1,4 @@
-"""The audit line format (privsock.audit): pure record building, encoding, parsing."""
+"""The audit line format (privsock.helper.auditrecord): pure record building, encoding, parsing."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from privsock.audit import FIELDS, encode, option_names, parse, record, rfc3339
-from privsock.protocol import Option, Transport, create, ping
+from privsock.helper.auditrecord import FIELDS, encode, option_names, parse, record, rfc3339
+from privsock.helper.protocol import Option, Transport, create, ping
 
 V4 = ipaddress.IPv4Address("192.0.2.10")
 V6 = ipaddress.IPv6Address("2001:db8::1")

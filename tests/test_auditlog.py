@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-from privsock import audit, protocol
-from privsock.auditlog import AuditLogError, FileSink, StreamSink, open_sink
-from privsock.protocol import Transport
+from privsock.auditsink import AuditLogError, FileSink, StreamSink, open_sink
+from privsock.helper import auditrecord, protocol
+from privsock.helper.protocol import Transport
 
 
 def rec(decision: str = "granted", port: int = 53) -> dict[str, Any]:
     req = protocol.create(7, Transport.UDP, ipaddress.ip_address("127.0.0.1"), port)
-    return audit.record(
+    return auditrecord.record(
         now=1_800_000_000.25, side="boss", pid=42, request_id=7, request=req,
         decision=decision, reason="port" if decision == "denied" else None,
     )  # fmt: skip
@@ -34,8 +34,8 @@ def test_stream_sink_writes_one_parseable_line_per_record() -> None:
     sink(rec())
     sink(rec("denied", 22))
     lines = out.getvalue().splitlines()
-    assert [audit.parse(line)["decision"] for line in lines] == ["granted", "denied"]
-    assert audit.parse(lines[1])["port"] == 22
+    assert [auditrecord.parse(line)["decision"] for line in lines] == ["granted", "denied"]
+    assert auditrecord.parse(lines[1])["port"] == 22
 
 
 def test_file_sink_appends_flushed_lines(tmp_path: Path) -> None:
@@ -44,12 +44,12 @@ def test_file_sink_appends_flushed_lines(tmp_path: Path) -> None:
     sink = FileSink(str(path))
     sink(rec())
     # Readable at once, before close: nothing waits in a buffer.
-    assert path.read_text().splitlines()[1:] == [audit.encode(rec()).decode().rstrip()]
+    assert path.read_text().splitlines()[1:] == [auditrecord.encode(rec()).decode().rstrip()]
     sink(rec("denied", 22))
     sink.close()
     lines = path.read_text().splitlines()
     assert lines[0] == "earlier line"
-    assert [audit.parse(line)["decision"] for line in lines[1:]] == ["granted", "denied"]
+    assert [auditrecord.parse(line)["decision"] for line in lines[1:]] == ["granted", "denied"]
 
 
 def test_file_sink_creates_the_file_0640(tmp_path: Path) -> None:
@@ -91,15 +91,15 @@ def test_open_sink_parses_the_cli_values(tmp_path: Path) -> None:
 
 SYSLOG_PROBE = """
 import json, socket, subprocess, sys
-from privsock import audit
-from privsock.auditlog import SyslogSink
+from privsock.helper import auditrecord
+from privsock.auditsink import SyslogSink
 subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/dev"], check=True)
 log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 log.bind("/dev/log")
 log.settimeout(10)
 sink = SyslogSink()
 for line in sys.stdin:
-    sink(audit.parse(line))
+    sink(auditrecord.parse(line))
     print(log.recv(65536).decode(), flush=True)
 sink.close()
 """
@@ -109,7 +109,7 @@ sink.close()
 def test_syslog_sink_sends_one_authpriv_message_per_record() -> None:
     unshare = shutil.which("unshare")
     assert unshare is not None, "util-linux unshare is needed for this test"
-    lines = audit.encode(rec()) + audit.encode(rec("denied", 22))
+    lines = auditrecord.encode(rec()) + auditrecord.encode(rec("denied", 22))
     result = subprocess.run(
         [unshare, "--mount", "--propagation", "private", sys.executable, "-c",
          textwrap.dedent(SYSLOG_PROBE)],
@@ -126,4 +126,4 @@ def test_syslog_sink_sends_one_authpriv_message_per_record() -> None:
         assert message.startswith(f"<{authpriv | priority}>")
         head, _, body = message.partition(": ")
         assert head.endswith("]") and " privsock[" in head
-        assert audit.parse(body)["decision"] == decision
+        assert auditrecord.parse(body)["decision"] == decision

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from privsock.client import SocketCreator
-from privsock.exitcodes import DESCRIPTIONS, Exit
+from privsock.helper.exitcodes import DESCRIPTIONS, Exit
 
 from .conftest import DEFAULT_POLICY, REPO
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from privsock import protocol
 from privsock.client import HELPER_ENV, default_helper_argv
-from privsock.exitcodes import Exit
-from privsock.policy import parse_policy
-from privsock.procstatus import parse_status, verdict
+from privsock.helper import protocol
+from privsock.helper.exitcodes import Exit
+from privsock.helper.policyparse import parse_policy
+from privsock.helper.procstatus import parse_status, verdict
 
 from .conftest import DEFAULT_POLICY, REPO
 from .containers.harness import PODMAN, Podman, build_rootfs, require_tools
@@ -87,7 +87,7 @@ def test_units_verify_without_a_warning(tmp_path: Path) -> None:
     [
         (("NoNewPrivileges=yes", "NoNewPrivileges=yes\nNoNewPrivilegez=yes"), "Unknown key"),
         (("@system-service seccomp", "@system-servic seccomp"), "Unknown system call group"),
-        (("-m privsock.privileged.main", "-m privsock.privileged.main\nUser"), "Missing '='"),
+        (("-m privsock.helper.main", "-m privsock.helper.main\nUser"), "Missing '='"),
     ],
 )
 def test_verify_reports_a_broken_unit(
@@ -177,7 +177,7 @@ def test_non_root_start_on_an_accepted_connection(shared_policy: Path, tmp_path:
 # connection, then `privsock inspect` on the helper systemd started for it.
 BOSS = """
 import ipaddress, json, socket, subprocess, sys
-from privsock import protocol
+from privsock.helper import protocol
 T = protocol.Transport
 out = {}
 s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from privsock import audit
 from privsock.dropall import Target, verify
 from privsock.execcmd import parse_listen
-from privsock.exitcodes import Exit
+from privsock.helper import auditrecord
+from privsock.helper.exitcodes import Exit
 
 from .helper_proc import DROPPED_STATUS
 
@@ -89,7 +89,7 @@ def message_lines(stderr: str) -> list[str]:
     out = []
     for line in stderr.splitlines():
         try:
-            audit.parse(line)
+            auditrecord.parse(line)
         except ValueError:
             out.append(line)
     return out
@@ -222,7 +222,7 @@ def test_both_sides_log_grants_to_the_audit_file(test_policy: Path, tmp_path: Pa
     # The helper's line arrives through a reader thread: either may come first.
     grants = sorted(
         (rec["side"], rec["transport"], rec["port"])
-        for rec in map(audit.parse, log.read_text().splitlines())
+        for rec in map(auditrecord.parse, log.read_text().splitlines())
         if rec["decision"] == "granted"
     )
     assert grants == [("boss", "udp", 1021), ("helper", "udp", 1021)]

@@ -33,8 +33,8 @@ from privsock.errors import (
     PolicyDenied,
     ProtocolViolation,
 )
-from privsock.exitcodes import Exit
-from privsock.protocol import Stage
+from privsock.helper.exitcodes import Exit
+from privsock.helper.protocol import Stage
 
 from .helper_proc import gone
 from .test_supervision import SYS_POLL, SYS_RECVMSG, wait_in_syscall

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from privsock import protocol
 from privsock.client import HelperRestartLimit, SocketCreator
 from privsock.errors import (
     CreatorOSError,
@@ -26,9 +25,10 @@ from privsock.errors import (
     PolicyDenied,
     RateLimited,
 )
-from privsock.exitcodes import Exit
-from privsock.procstatus import parse_status, verdict
-from privsock.protocol import Reason, Stage, Status, Transport
+from privsock.helper import protocol
+from privsock.helper.exitcodes import Exit
+from privsock.helper.procstatus import parse_status, verdict
+from privsock.helper.protocol import Reason, Stage, Status, Transport
 
 from .helper_proc import RawHelper, fd_count, gone, proc_status
 
@@ -249,7 +249,7 @@ ALLOWED = "s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM); s.bind(('::1'
 # killing the process. Either way the filter did not stop it.
 HARDEN_THEN = """
 import os, socket, sys
-from privsock.privileged import main
+from privsock.helper import main
 chan, policy, pid = main.harden(sys.argv[1], os.getppid())
 os.write(2, b"hardened\\n")
 try:
@@ -335,7 +335,7 @@ def _start(policy: Path, **popen: object) -> subprocess.CompletedProcess[bytes]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with ours, theirs:
         return subprocess.run(
-            [sys.executable, "-I", "-m", "privsock.privileged.main", "--policy", str(policy)],
+            [sys.executable, "-I", "-m", "privsock.helper.main", "--policy", str(policy)],
             stdin=theirs, capture_output=True, timeout=30, check=False, **popen,  # type: ignore[arg-type]
         )  # fmt: skip
 
@@ -373,7 +373,7 @@ def test_refuses_nonexistent_user(root: None, policy_factory: Callable[[str], Pa
 
 def test_refuses_stdin_that_is_not_seqpacket(root: None, test_policy: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-I", "-m", "privsock.privileged.main", "--policy", str(test_policy)],
+        [sys.executable, "-I", "-m", "privsock.helper.main", "--policy", str(test_policy)],
         stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False,
     )
     assert result.returncode == Exit.PROTOCOL
@@ -442,7 +442,7 @@ def test_inherited_fds_are_closed_before_serving(root: None, test_policy: Path) 
     r, w = os.pipe()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     proc = subprocess.Popen(
-        [sys.executable, "-I", "-m", "privsock.privileged.main", "--policy", str(test_policy)],
+        [sys.executable, "-I", "-m", "privsock.helper.main", "--policy", str(test_policy)],
         stdin=theirs, stderr=subprocess.DEVNULL, pass_fds=(w,),
     )  # fmt: skip
     theirs.close()
@@ -473,7 +473,7 @@ def test_rlimits_forbid_core_dumps_processes_and_more_fds(creator: SocketCreator
 
 SKIP_DROP = """
 import os, sys
-from privsock.privileged import drop, main
+from privsock.helper import drop, main
 drop.switch_user = lambda uid, gid: None  # a drop that silently did nothing
 os._exit(main.run(["--policy", sys.argv[1]]))
 """
@@ -498,11 +498,11 @@ def test_helper_that_cannot_prove_its_hardening_does_not_serve(
 
 UNDER_A_FILTER = """
 import os, sys
-from privsock.privileged.seccomp_filter import sc
+from privsock.helper.seccomp_filter import sc
 flt = sc.SyscallFilter(sc.ALLOW)  # what a container runtime's profile looks like from here
 flt.add_rule(sc.ERRNO(1), "acct")
 flt.load()
-os.execv(sys.executable, [sys.executable, "-I", "-m", "privsock.privileged.main", *sys.argv[1:]])
+os.execv(sys.executable, [sys.executable, "-I", "-m", "privsock.helper.main", *sys.argv[1:]])
 """
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from privsock import protocol
-from privsock.protocol import Stage, Status, Transport
+from privsock.helper import protocol
+from privsock.helper.protocol import Stage, Status, Transport
 
 from .helper_proc import RawHelper
 

@@ -20,7 +20,7 @@ import pytest
 from fuzz import live, model
 from privsock.client import SocketCreator
 from privsock.errors import CreatorOSError, PolicyDenied, RateLimited
-from privsock.protocol import Stage
+from privsock.helper.protocol import Stage
 
 from .test_faults import granted as create_granted
 

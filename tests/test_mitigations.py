@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from privsock import audit
 from privsock.client import HELPER_ENV, SocketCreator, default_helper_argv
 from privsock.errors import PolicyDenied
-from privsock.exitcodes import Exit
+from privsock.helper import auditrecord
+from privsock.helper.exitcodes import Exit
 
 from .helper_proc import RawHelper, gone
 from .nonroot import AS_PRIVSOCK, NON_ROOT_START, readable_policy
@@ -35,7 +35,7 @@ HARDEN_THEN = """
 import ctypes, mmap, os, socket, sys, threading, time
 libc = ctypes.CDLL("libc.so.6", use_errno=True)
 {before}
-from privsock.privileged import main
+from privsock.helper import main
 chan, policy, pid = main.harden(sys.argv[1], os.getppid())
 os.write(2, b"hardened\\n")
 try:
@@ -145,7 +145,7 @@ def test_helper_resource_limits(creator: SocketCreator) -> None:
 # Skips the step that sets the capability sets: after the uid switch the
 # helper would still hold root's full permitted set. It must refuse to serve.
 SKIP_CAP_STEP = (
-    "from privsock.privileged import drop, main\n"
+    "from privsock.helper import drop, main\n"
     "assert callable(drop._set_only_bind_caps)\n"
     "drop._set_only_bind_caps = lambda: None\n"
     "main.main()\n"
@@ -162,8 +162,8 @@ def test_helper_refuses_to_serve_when_a_drop_step_fails(root: None, test_policy:
 # Loads a filter the way a container runtime's profile would, then skips the
 # helper's own: Seccomp reads 2 either way, only the filter count tells.
 SKIP_OWN_FILTER = (
-    "from privsock.privileged import main, seccomp_filter\n"
-    "from privsock.privileged.seccomp_filter import sc\n"
+    "from privsock.helper import main, seccomp_filter\n"
+    "from privsock.helper.seccomp_filter import sc\n"
     "runtime = sc.SyscallFilter(sc.ALLOW)\n"
     "runtime.add_rule(sc.ERRNO(1), 'acct')\n"
     "runtime.load()\n"
@@ -257,7 +257,7 @@ def test_helper_logs_malformed_requests(root: None, test_policy: Path) -> None:
         lines = raw.proc.stderr.read().splitlines()
     finally:
         raw.close()
-    records = [audit.parse(line) for line in lines if line.startswith(b"{")]
+    records = [auditrecord.parse(line) for line in lines if line.startswith(b"{")]
     assert [(r["id"], r["decision"]) for r in records] == [(424242, "pong"), (9, "malformed")]
     assert "not 32" in records[1]["reason"]
 

@@ -10,17 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from privsock.policy import (
-    Decision,
-    Policy,
-    PolicyError,
-    RateLimit,
-    Rule,
-    decide,
-    describe,
-    parse_policy,
-)
-from privsock.protocol import Option, Reason, Transport
+from privsock.helper.policy import Decision, Policy, RateLimit, Rule, decide
+from privsock.helper.policyparse import PolicyError, parse_policy
+from privsock.helper.protocol import Option, Reason, Transport
+from privsock.policyview import describe
 
 POLICY_DIR = Path(__file__).resolve().parent.parent / "policy"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from privsock.exitcodes import Exit
-from privsock.privileged.policy_file import MAX_POLICY_BYTES, PolicyFileError, load_policy
+from privsock.helper.exitcodes import Exit
+from privsock.helper.policy_file import MAX_POLICY_BYTES, PolicyFileError, load_policy
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("root")]
 

@@ -1,5 +1,5 @@
 """Parsing /proc/PID/status and judging it against the hardened-helper promise
-(privsock.procstatus). Pure except for one read of this process's own status."""
+(privsock.helper.procstatus). Pure except for one read of this process's own status."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from privsock.procstatus import (
+from privsock.helper.procstatus import (
     CAP_NET_BIND_SERVICE,
     CAP_SETS,
     NET_BIND_SERVICE_MASK,

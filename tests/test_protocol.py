@@ -1,4 +1,4 @@
-"""The wire codec (privsock.protocol): exact layouts, every malformed case, and
+"""The wire codec (privsock.helper.protocol): exact layouts, every malformed case, and
 properties over arbitrary and bit-flipped messages. Pure: no sockets, no root."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from privsock.protocol import (
+from privsock.helper.protocol import (
     ALL_OPTIONS,
     MAGIC,
     REPLY_SIZE,

@@ -1,4 +1,4 @@
-"""The token bucket (privsock.ratelimit): pure arithmetic on a clock we pass in.
+"""The token bucket (privsock.helper.ratelimit): pure arithmetic on a clock we pass in.
 
 Times and rates are chosen so the float arithmetic is exact where a test asserts
 an exact millisecond boundary: rates that are powers of two make 1/rate and
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from privsock.ratelimit import TokenBucket
+from privsock.helper.ratelimit import TokenBucket
 
 
 def drain(bucket: TokenBucket, now: float) -> None:

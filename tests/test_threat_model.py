@@ -15,8 +15,8 @@ from types import ModuleType
 
 import pytest
 
-from privsock.privileged.seccomp_filter import ALLOWLIST
-from privsock.procstatus import CAP_NET_BIND_SERVICE, cap_names
+from privsock.helper.procstatus import CAP_NET_BIND_SERVICE, cap_names
+from privsock.helper.seccomp_filter import ALLOWLIST
 
 from .conftest import REPO
 

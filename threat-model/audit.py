@@ -17,8 +17,8 @@ survived (its tests still passed) or could not be judged, 2 if the model or the
 set-up is wrong. The real tree is never written to.
 
 Why a copy needs its own venv: .venv holds an *editable* install whose import
-finder maps ``privsock`` to this checkout's helper/ directory, and the helper is
-started as ``python -I -m privsock.privileged.main`` (isolated mode ignores
+finder maps ``privsock`` to this checkout's privsock/ directory, and the helper is
+started as ``python -I -m privsock.helper.main`` (isolated mode ignores
 PYTHONPATH). Tests run in a plain copy would import, and start helpers from,
 the real tree. So the copy gets a copy of .venv whose finder and script
 shebangs point at the copy, and the audit proves it before it starts: the
@@ -60,7 +60,7 @@ ID_PATTERN = {
     "mitigation": re.compile(r"M-[A-Z0-9]+(-[A-Z0-9]+)*\Z"),
 }
 # Mutations change the product, never the tests or the audit itself.
-PRODUCT_ROOTS = ("helper/", "policy/")
+PRODUCT_ROOTS = ("privsock/", "policy/")
 
 # Not copied: version control, the venv (copied separately), caches, build output.
 COPY_IGNORE = shutil.ignore_patterns(
@@ -376,7 +376,7 @@ class Workspace:
     def _copy_venv(self) -> None:
         real, copy = REPO / ".venv", self.tree / ".venv"
         subprocess.run(["cp", "-a", str(real), str(copy)], check=True)
-        old_dir, new_dir = str(REPO / "helper"), str(self.tree / "helper")
+        old_dir, new_dir = str(REPO / "privsock"), str(self.tree / "privsock")
         finders = list(copy.glob("lib/python*/site-packages/__editable__*privsock*finder.py"))
         if len(finders) != 1:
             raise ModelError(f"expected one editable privsock finder in {real}, found {finders}")
@@ -395,7 +395,7 @@ class Workspace:
                     script.write_bytes(f"#!{copy}/bin/".encode() + data[len(shebang) :])
 
     def _check_imports(self) -> None:
-        probe = "import privsock.privileged.main as m; print(m.__file__)"
+        probe = "import privsock.helper.main as m; print(m.__file__)"
         out = subprocess.run(
             [str(self.python), "-I", "-c", probe],
             capture_output=True, text=True, check=True, cwd="/",

@@ -35,7 +35,6 @@ sys.path.insert(0, str(REPO))  # for tests.helper_proc; -I leaves it off sys.pat
 
 import prctl  # noqa: E402
 
-from privsock import protocol  # noqa: E402
 from privsock.client import SocketCreator  # noqa: E402
 from privsock.errors import (  # noqa: E402
     CreatorOSError,
@@ -43,8 +42,9 @@ from privsock.errors import (  # noqa: E402
     PolicyDenied,
     RateLimited,
 )
-from privsock.procstatus import parse_status, verdict  # noqa: E402
-from privsock.protocol import Status, Transport  # noqa: E402
+from privsock.helper import protocol  # noqa: E402
+from privsock.helper.procstatus import parse_status, verdict  # noqa: E402
+from privsock.helper.protocol import Status, Transport  # noqa: E402
 from tests.helper_proc import RawHelper  # noqa: E402
 
 RESULT_MARK = "PRIVSOCK-RESULT "

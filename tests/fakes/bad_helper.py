@@ -12,7 +12,7 @@ import socket
 import sys
 import time
 
-from privsock import protocol
+from privsock.helper import protocol
 
 MODE = sys.argv[1]
 chan = socket.socket(fileno=0)

@@ -14,7 +14,7 @@ Like sshd's StrictModes. ``load_policy(path)``:
    group or others, except that a root-owned sticky directory (like /tmp, mode 1777)
    is accepted, since there nobody but root can rename or remove root's entries.
    Together with step 3 this means only root can change what the path names;
-5. reads at most 64 KiB, decodes strict UTF-8 and parses it (privsock.policy).
+5. reads at most 64 KiB, decodes strict UTF-8 and parses it (privsock.helper.policy).
 
 Every failure is a PolicyFileError with a one-line message naming the real path and
 an exit code: NOINPUT when the file cannot be opened or read or is not a regular
@@ -28,8 +28,9 @@ import json
 import os
 import stat
 
-from privsock.exitcodes import Exit
-from privsock.policy import Policy, PolicyError, parse_policy
+from privsock.helper.exitcodes import Exit
+from privsock.helper.policy import Policy
+from privsock.helper.policyparse import PolicyError, parse_policy
 
 MAX_POLICY_BYTES = 64 * 1024
 

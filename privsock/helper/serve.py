@@ -19,11 +19,11 @@ import socket
 import time
 from collections.abc import Callable
 
-from privsock import audit, protocol
-from privsock.policy import Policy, decide
-from privsock.privileged.seccomp_filter import SIOCOUTQ
-from privsock.protocol import Option, Reply, Request, Stage, Status, Transport
-from privsock.ratelimit import TokenBucket
+from privsock.helper import auditrecord, protocol
+from privsock.helper.policy import Policy, decide
+from privsock.helper.protocol import Option, Reply, Request, Stage, Status, Transport
+from privsock.helper.ratelimit import TokenBucket
+from privsock.helper.seccomp_filter import SIOCOUTQ
 
 # Room for the fd numbers that can be installed under the helper's NOFILE limit;
 # the kernel closes what does not fit and sets MSG_CTRUNC.
@@ -98,7 +98,9 @@ def make_socket(req: Request) -> tuple[socket.socket | None, Reply]:
     return sock, protocol.ok(req.request_id)
 
 
-class Server:
+class Session:
+    """One boss's session: answer requests on the channel until end of file."""
+
     def __init__(
         self,
         chan: socket.socket,
@@ -117,11 +119,11 @@ class Server:
         self.wallclock = wallclock
 
     def _audit(self, request_id: int, req: Request | None, decision: str, **kw: object) -> None:
-        rec = audit.record(
+        rec = auditrecord.record(
             now=self.wallclock(), side="helper", pid=self.pid, request_id=request_id,
             request=req, decision=decision, **kw,  # type: ignore[arg-type]
         )  # fmt: skip
-        self.log(audit.encode(rec))
+        self.log(auditrecord.encode(rec))
 
     def handle(self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int) -> tuple[
         Reply, socket.socket | None

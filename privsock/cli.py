@@ -17,12 +17,12 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from privsock import auditlog, dropall, execcmd
+from privsock import auditsink, dropall, execcmd
 from privsock.client import shutdown_on_signals
-from privsock.exitcodes import Exit
-from privsock.policy import describe
-from privsock.privileged.policy_file import PolicyFileError, load_policy
-from privsock.procstatus import StatusFormatError, parse_status, report, verdict
+from privsock.helper.exitcodes import Exit
+from privsock.helper.policy_file import PolicyFileError, load_policy
+from privsock.helper.procstatus import StatusFormatError, parse_status, report, verdict
+from privsock.policyview import describe
 
 
 class UsageError(Exception):
@@ -73,14 +73,14 @@ def cmd_exec(args: argparse.Namespace) -> int:
     try:
         target = dropall.resolve(args.user, args.group)
         execcmd.find_command(args.command)
-        sink = auditlog.open_sink(args.audit_log)
+        sink = auditsink.open_sink(args.audit_log)
     except dropall.DropError as exc:
         print(f"privsock: exec: {exc}", file=sys.stderr)
         return exc.exit_code
     except execcmd.ExecError as exc:
         print(f"privsock: {exc}", file=sys.stderr)
         return exc.exit_code
-    except auditlog.AuditLogError as exc:
+    except auditsink.AuditLogError as exc:
         raise UsageError(f"exec: {exc}") from None
     # A signal while the helper runs: close and reap it (the exec resets handlers).
     shutdown_on_signals()
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--audit-log",
         default="stderr",
         metavar="DEST",
-        help=f"where audit lines go: {auditlog.SPEC_HELP} (default stderr)",
+        help=f"where audit lines go: {auditsink.SPEC_HELP} (default stderr)",
     )
     p.add_argument("command", nargs="*", metavar="-- CMD ARGS")
     p.set_defaults(func=cmd_exec)

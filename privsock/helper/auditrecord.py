@@ -27,19 +27,15 @@ import json
 import time
 from typing import Any
 
-from privsock.protocol import Option, Request
+from privsock.helper.protocol import OPTION_NAMES, Option, Request
 
 FIELDS = (
     "time", "side", "pid", "id", "op", "transport", "address", "port", "options",
     "decision", "reason", "rule", "errno", "retry_ms",
 )  # fmt: skip
 
-_OPTION_NAMES = ((Option.REUSEADDR, "reuseaddr"), (Option.REUSEPORT, "reuseport"),
-                 (Option.V6ONLY, "v6only"))  # fmt: skip
-
-
 def option_names(options: Option) -> list[str]:
-    return [name for flag, name in _OPTION_NAMES if options & flag]
+    return [name for name, flag in OPTION_NAMES.items() if options & flag]
 
 
 def rfc3339(now: float) -> str:

@@ -1,6 +1,6 @@
 """The privsock wire protocol, version 1: types and pure functions, no I/O.
 
-Both sides import this module; it is the whole contract (helper/PROTOCOL.md
+Both sides import this module; it is the whole contract (privsock/helper/PROTOCOL.md
 explains it for humans). The rules:
 
 * The transport is one AF_UNIX SOCK_SEQPACKET socketpair. One message is one
@@ -74,6 +74,13 @@ class Option(enum.IntFlag):
 
 
 ALL_OPTIONS = Option.REUSEADDR | Option.REUSEPORT | Option.V6ONLY
+# The names policies, audit lines and the CLI use; one table for all of them.
+TRANSPORT_NAMES = {"udp": Transport.UDP, "tcp": Transport.TCP}
+OPTION_NAMES = {
+    "reuseaddr": Option.REUSEADDR,
+    "reuseport": Option.REUSEPORT,
+    "v6only": Option.V6ONLY,
+}
 NO_OPTIONS = Option(0)
 _TRANSPORTS = {int(t): t for t in Transport}
 _ALL_OPTIONS = int(ALL_OPTIONS)

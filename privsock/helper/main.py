@@ -15,7 +15,7 @@ The order is the security argument (SECURITY.md walks through it):
  8. read /proc/self/status and refuse to serve unless it shows the promise.
 
 Any failure before serving: one line on stderr and a documented exit code
-(privsock.exitcodes). Once the filter is loaded nothing may open a file, so
+(privsock.helper.exitcodes). Once the filter is loaded nothing may open a file, so
 errors are written to fd 2 by hand and the process leaves with os._exit.
 """
 
@@ -29,13 +29,12 @@ import sys
 import time
 import warnings
 
-from privsock import audit, protocol
-from privsock.exitcodes import Exit
-from privsock.policy import Policy, decide
-from privsock.privileged import drop, seccomp_filter
-from privsock.privileged.policy_file import PolicyFileError, load_policy
-from privsock.privileged.serve import Server
-from privsock.procstatus import parse_status, verdict
+from privsock.helper import auditrecord, drop, protocol, seccomp_filter
+from privsock.helper.exitcodes import Exit
+from privsock.helper.policy import Policy, decide
+from privsock.helper.policy_file import PolicyFileError, load_policy
+from privsock.helper.procstatus import parse_status, verdict
+from privsock.helper.serve import Session
 
 USAGE = "usage: privsock-helper --policy FILE"
 
@@ -90,7 +89,7 @@ def _warm_up(policy: Policy) -> None:
     for reply in (protocol.ok(1), protocol.denied(1, protocol.Reason.PORT),
                   protocol.rate_limited(1, 5), protocol.os_error(1, 98, protocol.Stage.BIND)):
         protocol.encode_reply(reply)  # fmt: skip
-    audit.encode(audit.record(now=time.time(), side="helper", pid=0, request_id=1,
+    auditrecord.encode(auditrecord.record(now=time.time(), side="helper", pid=0, request_id=1,
                               request=req, decision="granted"))  # fmt: skip
     time.monotonic()
 
@@ -175,7 +174,7 @@ def run(argv: list[str]) -> int:
         return exc.code
     _say(f"hardened, serving (pid {pid}, policy {policy_path})")
     try:
-        Server(chan, policy, pid, log=lambda line: os.write(2, line)).serve()
+        Session(chan, policy, pid, log=lambda line: os.write(2, line)).serve()
     except (BrokenPipeError, ConnectionResetError):
         pass  # the boss is gone mid-exchange: same as end-of-file
     finally:

@@ -1,6 +1,6 @@
 """Where the boss writes audit lines: stderr, a file, or syslog.
 
-The line format is privsock.audit (docs/audit-log.md documents it for auditors).
+The line format is privsock.helper.auditrecord (docs/audit-log.md documents it for auditors).
 A sink is a callable taking one record; ``open_sink("stderr" | "file:PATH" |
 "syslog")`` builds one from the command line's ``--audit-log`` value. Every
 line is written and flushed as it comes, so a crash loses none already logged.
@@ -15,7 +15,7 @@ import syslog
 import threading
 from typing import Any, TextIO
 
-from privsock import audit
+from privsock.helper import auditrecord
 
 SPEC_HELP = "stderr, file:PATH or syslog"
 
@@ -37,7 +37,7 @@ class StreamSink:
     def __call__(self, rec: dict[str, Any]) -> None:
         stream = self._stream or sys.stderr
         with self._lock:
-            stream.write(audit.encode(rec).decode("ascii"))
+            stream.write(auditrecord.encode(rec).decode("ascii"))
             stream.flush()
 
     def close(self) -> None:
@@ -60,7 +60,7 @@ class FileSink:
         self._lock = threading.Lock()
 
     def __call__(self, rec: dict[str, Any]) -> None:
-        line = audit.encode(rec)
+        line = auditrecord.encode(rec)
         with self._lock:
             if self._fd is None:
                 raise ValueError(f"audit log {self.path} is closed")
@@ -82,7 +82,7 @@ class SyslogSink:
 
     def __call__(self, rec: dict[str, Any]) -> None:
         priority = syslog.LOG_INFO if rec.get("decision") in _ROUTINE else syslog.LOG_WARNING
-        syslog.syslog(priority, audit.encode(rec).decode("ascii").rstrip("\n"))
+        syslog.syslog(priority, auditrecord.encode(rec).decode("ascii").rstrip("\n"))
 
     def close(self) -> None:
         syslog.closelog()

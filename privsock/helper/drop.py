@@ -24,8 +24,8 @@ import signal
 
 import prctl
 
-from privsock.exitcodes import Exit
-from privsock.procstatus import CAP_NET_BIND_SERVICE, cap_names
+from privsock.helper.exitcodes import Exit
+from privsock.helper.procstatus import CAP_NET_BIND_SERVICE, cap_names
 
 _PR_CAPBSET_DROP = 24
 _PR_CAP_AMBIENT = 47

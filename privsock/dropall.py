@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import prctl
 
-from privsock.exitcodes import Exit
-from privsock.procstatus import CAP_SETS, StatusFormatError, cap_names, parse_status
+from privsock.helper.exitcodes import Exit
+from privsock.helper.procstatus import CAP_SETS, StatusFormatError, cap_names, parse_status
 
 _PR_CAPBSET_DROP = 24
 _PR_SET_NO_NEW_PRIVS = 38

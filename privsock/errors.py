@@ -6,8 +6,8 @@ import errno as errno_mod
 import os
 import signal
 
-from privsock.exitcodes import DESCRIPTIONS, Exit
-from privsock.protocol import Reason, Stage
+from privsock.helper.exitcodes import DESCRIPTIONS, Exit
+from privsock.helper.protocol import Reason, Stage
 
 
 class CreatorError(Exception):

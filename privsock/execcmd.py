@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from privsock import dropall, protocol
-from privsock.auditlog import Sink
+from privsock import dropall
+from privsock.auditsink import Sink
 from privsock.client import SocketCreator, describe
 from privsock.errors import (
     CreatorError,
@@ -37,8 +37,9 @@ from privsock.errors import (
     PolicyDenied,
     RateLimited,
 )
-from privsock.exitcodes import Exit
-from privsock.protocol import Transport
+from privsock.helper import protocol
+from privsock.helper.exitcodes import Exit
+from privsock.helper.protocol import Transport
 
 SD_LISTEN_FDS_START = 3
 EX_UNAVAILABLE = 69  # sysexits: the address is in use or cannot be bound

@@ -18,7 +18,7 @@ import socket
 import sys
 from collections.abc import Mapping
 
-from privsock.procstatus import parse_status
+from privsock.helper.procstatus import parse_status
 
 SD_LISTEN_FDS_START = 3
 MAX_DATAGRAM = 65535

@@ -1,7 +1,7 @@
 """privsock: a privileged socket creator.
 
-The boss-side API is loaded lazily, so that the helper process (which imports
-``privsock.privileged``) never loads the boss's code.
+The boss-side API is loaded lazily: the helper process imports ``privsock.helper``,
+which loads this file too, and it must never load the boss's code.
 """
 
 from __future__ import annotations

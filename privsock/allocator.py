@@ -27,10 +27,10 @@ import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-from privsock import protocol
 from privsock.client import SocketCreator, describe, parse_address, parse_transport
 from privsock.errors import CreatorError
-from privsock.protocol import Option, Transport
+from privsock.helper import protocol
+from privsock.helper.protocol import Option, Transport
 
 
 class Share(enum.Enum):

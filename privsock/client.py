@@ -35,7 +35,6 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
-from privsock import audit, protocol
 from privsock.errors import (
     CreatorError,
     CreatorOSError,
@@ -46,11 +45,12 @@ from privsock.errors import (
     ProtocolViolation,
     RateLimited,
 )
-from privsock.protocol import Option, Reply, Request, Stage, Status, Transport
+from privsock.helper import auditrecord, protocol
+from privsock.helper.protocol import Option, Reply, Request, Stage, Status, Transport
 
 AuditSink = Callable[[dict[str, Any]], None]
 
-HELPER_MODULE = "privsock.privileged.main"
+HELPER_MODULE = "privsock.helper.main"
 # What the helper may see of our environment: nothing of ours, and -I makes
 # Python ignore PYTHON* variables and the user site directory anyway.
 HELPER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
@@ -113,7 +113,7 @@ def default_helper_argv() -> list[str]:
 
 
 def _stderr_sink(rec: dict[str, Any]) -> None:
-    sys.stderr.write(audit.encode(rec).decode("ascii"))
+    sys.stderr.write(auditrecord.encode(rec).decode("ascii"))
 
 
 def parse_transport(value: str | Transport) -> Transport:
@@ -484,7 +484,7 @@ class SocketCreator:
         if self.audit_sink is None and line.startswith("{"):
             return  # an audit line nobody wants: not worth parsing
         try:
-            rec = audit.parse(line)
+            rec = auditrecord.parse(line)
         except ValueError:
             self._messages.append(line.removeprefix("privsock-helper: "))
             return
@@ -500,7 +500,7 @@ class SocketCreator:
             reason = reply.reason.name.lower()
         elif reply.stage is not None:
             reason = reply.stage.name.lower()
-        self.audit_sink(audit.record(
+        self.audit_sink(auditrecord.record(
             now=time.time(), side="boss", pid=os.getpid(), request_id=req.request_id,
             request=req, decision=_DECISIONS[reply.status], reason=reason,
             errno=reply.detail if reply.status is Status.OS_ERROR else None,

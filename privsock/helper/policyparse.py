@@ -1,4 +1,6 @@
-"""The privsock policy: the model, a strict parser and the decision function. Pure, no I/O.
+"""The policy file's parser: strict, pure, no I/O. Runs as root before the drop.
+
+The privsock policy: the model, a strict parser and the decision function. Pure, no I/O.
 
 Format (TOML; policy/README.md has the same with examples)::
 
@@ -50,29 +52,6 @@ Accepted although they look odd: a policy with only deny rules (it refuses
 everything); rules that overlap other rules (two allow rules granting one port; a
 deny rule for a port no allow rule grants, which is defence in depth); burst below
 rate.
-
-Decisions (``decide``), in this order:
-
-1. Normalise the address. An IPv4-mapped IPv6 address ``::ffff:a.b.c.d`` is judged
-   as the IPv4 address ``a.b.c.d``, as the kernel binds it. The IPv6 wildcard ``::``
-   without V6ONLY is dual-stack and receives IPv4 on every address too, so it is
-   judged as both ``::`` and ``0.0.0.0``; each must pass. (The check assumes
-   dual-stack even where the bindv6only sysctl says otherwise: stricter, never looser.)
-2. Deny rules win. A deny rule matches a judged address when the transport is in
-   its transports, the port in one of its ranges, and the address in one of its
-   networks, or when the address is the wildcard of its family (0.0.0.0 or ::) and
-   the rule has any network of that family: a wildcard bind captures the traffic of
-   every address, the denied ones included. Options do not matter. A hit is DENIED
-   with Reason.PORT and names the deny rule.
-3. Otherwise every judged address needs an allow rule whose transports, ports and
-   networks contain it and whose options include every requested option. A wildcard
-   is only allowed by a rule with a network containing the wildcard address itself
-   (0.0.0.0/0, ::/0, 0.0.0.0/32, ...). The decision names the allow rule that allowed
-   the requested address itself (for dual-stack ``::``, the rule for ``::``).
-4. Otherwise default deny. The reason is that of the allow rule that got furthest
-   when its dimensions are checked in the order port, transport, address, options:
-   PORT (no rule has the port; also when there are no allow rules), TRANSPORT,
-   ADDRESS or OPTION. The decision names "default".
 """
 
 from __future__ import annotations
@@ -84,13 +63,10 @@ import json
 import math
 import re
 import tomllib
-from dataclasses import dataclass
 from typing import Literal
 
-from privsock.protocol import Option, Reason, Transport
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from privsock.helper.policy import IPNetwork, Policy, RateLimit, Rule
+from privsock.helper.protocol import OPTION_NAMES, TRANSPORT_NAMES, Option, Transport
 
 _DEFAULT_USER = "privsock"
 _DEFAULT_RATE = 20.0
@@ -104,14 +80,12 @@ _RATE_KEYS = ("rate", "burst")
 _ALLOW_KEYS = ("transports", "ports", "addresses", "options")
 _DENY_KEYS = ("transports", "ports", "addresses")
 
-_TRANSPORTS = {"udp": Transport.UDP, "tcp": Transport.TCP}
-_OPTIONS = {"reuseaddr": Option.REUSEADDR, "reuseport": Option.REUSEPORT, "v6only": Option.V6ONLY}
+_TRANSPORTS = TRANSPORT_NAMES
+_OPTIONS = OPTION_NAMES
 
 _ANY_V4 = ipaddress.IPv4Network("0.0.0.0/0")
 _ANY_V6 = ipaddress.IPv6Network("::/0")
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
-_WILDCARD_V4 = ipaddress.IPv4Address(0)
-_WILDCARD_V6 = ipaddress.IPv6Address(0)
 
 # Portable POSIX names; no leading digit (a numeric name reads as a uid), dot or hyphen.
 _POSIX_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z")
@@ -130,42 +104,6 @@ class PolicyError(ValueError):
         self.key = key
         self.problem = problem
         super().__init__(f"{_one_line(source)}: {key}: {problem}")
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimit:
-    rate: float  # tokens per second
-    burst: int
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    index: int
-    kind: Literal["allow", "deny"]
-    transports: frozenset[Transport]
-    ports: tuple[tuple[int, int], ...]  # inclusive ranges, in file order
-    networks: tuple[IPNetwork, ...]
-    options: Option  # what an allow rule permits; Option(0) for deny rules
-
-    @property
-    def name(self) -> str:
-        return f"{self.kind}[{self.index}]"
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    user: str
-    group: str
-    rate_limit: RateLimit
-    allow: tuple[Rule, ...]
-    deny: tuple[Rule, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    allowed: bool
-    reason: Reason | None  # None when allowed
-    rule: str  # "allow[0]", "deny[1]" or "default"
 
 
 class _Invalid(Exception):
@@ -374,7 +312,7 @@ def _ports(value: object, key: str) -> tuple[tuple[int, int], ...]:
         if ranges[b][0] <= ranges[a][1]:
             first, later = min(a, b), max(a, b)
             what = "duplicates" if ranges[a] == ranges[b] else "overlaps"
-            shown = f"{_show_range(ranges[later])} {what} {_show_range(ranges[first])}"
+            shown = f"{show_range(ranges[later])} {what} {show_range(ranges[first])}"
             raise _Invalid(f"{key}[{later}]", f"{shown} ({key}[{first}])")
     return tuple(ranges)
 
@@ -493,125 +431,6 @@ def _covered(network: IPNetwork, by: list[IPNetwork]) -> bool:
 
 
 # ---------------------------------------------------------------------------
-# Deciding
-
-# How far a request got into an allow rule; a later entry got further.
-_PROGRESS = (Reason.PORT, Reason.TRANSPORT, Reason.ADDRESS, Reason.OPTION)
-
-
-def decide(
-    policy: Policy, transport: Transport, address: IPAddress, port: int, options: Option
-) -> Decision:
-    """Judge one CREATE request; the rules are in the module docstring."""
-    judged = _judged_as(address, options)
-    for rule in policy.deny:
-        if any(_deny_matches(rule, transport, a, port) for a in judged):
-            return Decision(False, Reason.PORT, rule.name)
-    granted: list[Rule] = []
-    for a in judged:
-        furthest = Reason.PORT
-        for rule in policy.allow:
-            miss = _allow_miss(rule, transport, a, port, options)
-            if miss is None:
-                granted.append(rule)
-                break
-            furthest = max(furthest, miss, key=_PROGRESS.index)
-        else:
-            return Decision(False, furthest, "default")
-    return Decision(True, None, granted[0].name)
-
-
-def _judged_as(address: IPAddress, options: Option) -> tuple[IPAddress, ...]:
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return (address.ipv4_mapped,)
-        if address == _WILDCARD_V6 and not options & Option.V6ONLY:
-            return (_WILDCARD_V6, _WILDCARD_V4)
-    return (address,)
-
-
-def _has_port(rule: Rule, port: int) -> bool:
-    return any(low <= port <= high for low, high in rule.ports)
-
-
-def _deny_matches(rule: Rule, transport: Transport, address: IPAddress, port: int) -> bool:
-    if transport not in rule.transports or not _has_port(rule, port):
-        return False
-    if address.is_unspecified:
-        return any(n.version == address.version for n in rule.networks)
-    return any(address in n for n in rule.networks)
-
-
-def _allow_miss(
-    rule: Rule, transport: Transport, address: IPAddress, port: int, options: Option
-) -> Reason | None:
-    """The first dimension in which ``rule`` does not allow the request, or None."""
-    if not _has_port(rule, port):
-        return Reason.PORT
-    if transport not in rule.transports:
-        return Reason.TRANSPORT
-    if not any(address in n for n in rule.networks):
-        return Reason.ADDRESS
-    if options & ~rule.options:
-        return Reason.OPTION
-    return None
-
-
-# ---------------------------------------------------------------------------
-# Describing
-
-
-def describe(policy: Policy) -> list[str]:
-    """What the policy grants and denies, one human line each, for check-policy."""
-    rate = policy.rate_limit.rate
-    lines = [
-        f"runs as user {policy.user}, group {policy.group}",
-        f"rate limit: {int(rate) if rate.is_integer() else rate} CREATE requests per second "
-        f"sustained, bursts of up to {policy.rate_limit.burst}",
-    ]
-    for rule in policy.allow:
-        options = ", ".join(n for n, o in _OPTIONS.items() if o in rule.options) or "none"
-        wildcards = [w for w in (_WILDCARD_V4, _WILDCARD_V6) if any(w in n for n in rule.networks)]
-        line = f"{rule.name}: allows {_scope(rule)}; options: {options}"
-        if wildcards:
-            line += "; includes wildcard binds to " + " and ".join(map(str, wildcards))
-        lines.append(line)
-    for rule in policy.deny:
-        line = f"{rule.name}: denies {_scope(rule)}, whatever the options"
-        # Spell out what a deny rule means for wildcard binds where its networks do not
-        # say it: any network of a family denies that family's wildcard, and an IPv4
-        # one also denies dual-stack ::, which receives IPv4.
-        v4 = [n for n in rule.networks if n.version == 4]
-        v6 = [n for n in rule.networks if n.version == 6]
-        implied: list[str] = []
-        if v4 and not any(_WILDCARD_V4 in n for n in v4):
-            implied.append(str(_WILDCARD_V4))
-        if v6 and not any(_WILDCARD_V6 in n for n in v6):
-            implied.append(str(_WILDCARD_V6))
-        elif v4 and not v6:
-            implied.append("dual-stack ::")
-        if implied:
-            line += "; this also denies wildcard binds to " + " and ".join(implied)
-        lines.append(line)
-    if policy.allow:
-        lines.append("everything else is denied; deny rules win over allow rules")
-    else:
-        lines.append("grants nothing: there are no allow rules, so every request is denied")
-    return lines
-
-
-def _scope(rule: Rule) -> str:
-    transports = "+".join(n for n, t in _TRANSPORTS.items() if t in rule.transports)
-    ports = ", ".join(_show_range(r) for r in rule.ports)
-    plural = "s" if len(rule.ports) > 1 or rule.ports[0][0] != rule.ports[0][1] else ""
-    if _ANY_V4 in rule.networks and _ANY_V6 in rule.networks:
-        where = "any address"
-    else:
-        where = ", ".join(map(str, rule.networks))
-    return f"{transports} port{plural} {ports} on {where}"
-
-
-# ---------------------------------------------------------------------------
 # Message helpers: values from the file are quoted and cut, so a message stays one line.
 
 
@@ -620,7 +439,7 @@ def _show(value: str) -> str:
     return text if len(text) <= 40 else text[:36] + '..."'
 
 
-def _show_range(ports: tuple[int, int]) -> str:
+def show_range(ports: tuple[int, int]) -> str:
     low, high = ports
     return str(low) if low == high else f"{low}-{high}"
 

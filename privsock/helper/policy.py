@@ -1,0 +1,143 @@
+"""The policy model and the decision: pure, no I/O. The helper runs ``decide`` under seccomp.
+
+policyparse.py builds these types from the policy file (as root, before the drop);
+policy/README.md describes the file for operators.
+
+Decisions (``decide``), in this order:
+
+1. Normalise the address. An IPv4-mapped IPv6 address ``::ffff:a.b.c.d`` is judged
+   as the IPv4 address ``a.b.c.d``, as the kernel binds it. The IPv6 wildcard ``::``
+   without V6ONLY is dual-stack and receives IPv4 on every address too, so it is
+   judged as both ``::`` and ``0.0.0.0``; each must pass. (The check assumes
+   dual-stack even where the bindv6only sysctl says otherwise: stricter, never looser.)
+2. Deny rules win. A deny rule matches a judged address when the transport is in
+   its transports, the port in one of its ranges, and the address in one of its
+   networks, or when the address is the wildcard of its family (0.0.0.0 or ::) and
+   the rule has any network of that family: a wildcard bind captures the traffic of
+   every address, the denied ones included. Options do not matter. A hit is DENIED
+   with Reason.PORT and names the deny rule.
+3. Otherwise every judged address needs an allow rule whose transports, ports and
+   networks contain it and whose options include every requested option. A wildcard
+   is only allowed by a rule with a network containing the wildcard address itself
+   (0.0.0.0/0, ::/0, 0.0.0.0/32, ...). The decision names the allow rule that allowed
+   the requested address itself (for dual-stack ``::``, the rule for ``::``).
+4. Otherwise default deny. The reason is that of the allow rule that got furthest
+   when its dimensions are checked in the order port, transport, address, options:
+   PORT (no rule has the port; also when there are no allow rules), TRANSPORT,
+   ADDRESS or OPTION. The decision names "default".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Literal
+
+from privsock.helper.protocol import Option, Reason, Transport
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+WILDCARD_V4 = ipaddress.IPv4Address(0)
+WILDCARD_V6 = ipaddress.IPv6Address(0)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    rate: float  # tokens per second
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    index: int
+    kind: Literal["allow", "deny"]
+    transports: frozenset[Transport]
+    ports: tuple[tuple[int, int], ...]  # inclusive ranges, in file order
+    networks: tuple[IPNetwork, ...]
+    options: Option  # what an allow rule permits; Option(0) for deny rules
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}[{self.index}]"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    user: str
+    group: str
+    rate_limit: RateLimit
+    allow: tuple[Rule, ...]
+    deny: tuple[Rule, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: Reason | None  # None when allowed
+    rule: str  # "allow[0]", "deny[1]" or "default"
+
+
+# ---------------------------------------------------------------------------
+# Deciding
+
+# How far a request got into an allow rule; a later entry got further.
+_PROGRESS = (Reason.PORT, Reason.TRANSPORT, Reason.ADDRESS, Reason.OPTION)
+
+
+def decide(
+    policy: Policy, transport: Transport, address: IPAddress, port: int, options: Option
+) -> Decision:
+    """Judge one CREATE request; the rules are in the module docstring."""
+    judged = _judged_as(address, options)
+    for rule in policy.deny:
+        if any(_deny_matches(rule, transport, a, port) for a in judged):
+            return Decision(False, Reason.PORT, rule.name)
+    granted: list[Rule] = []
+    for a in judged:
+        furthest = Reason.PORT
+        for rule in policy.allow:
+            miss = _allow_miss(rule, transport, a, port, options)
+            if miss is None:
+                granted.append(rule)
+                break
+            furthest = max(furthest, miss, key=_PROGRESS.index)
+        else:
+            return Decision(False, furthest, "default")
+    return Decision(True, None, granted[0].name)
+
+
+def _judged_as(address: IPAddress, options: Option) -> tuple[IPAddress, ...]:
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return (address.ipv4_mapped,)
+        if address == WILDCARD_V6 and not options & Option.V6ONLY:
+            return (WILDCARD_V6, WILDCARD_V4)
+    return (address,)
+
+
+def _has_port(rule: Rule, port: int) -> bool:
+    return any(low <= port <= high for low, high in rule.ports)
+
+
+def _deny_matches(rule: Rule, transport: Transport, address: IPAddress, port: int) -> bool:
+    if transport not in rule.transports or not _has_port(rule, port):
+        return False
+    if address.is_unspecified:
+        return any(n.version == address.version for n in rule.networks)
+    return any(address in n for n in rule.networks)
+
+
+def _allow_miss(
+    rule: Rule, transport: Transport, address: IPAddress, port: int, options: Option
+) -> Reason | None:
+    """The first dimension in which ``rule`` does not allow the request, or None."""
+    if not _has_port(rule, port):
+        return Reason.PORT
+    if transport not in rule.transports:
+        return Reason.TRANSPORT
+    if not any(address in n for n in rule.networks):
+        return Reason.ADDRESS
+    if options & ~rule.options:
+        return Reason.OPTION
+    return None

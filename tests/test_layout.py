@@ -1,0 +1,60 @@
+"""The trust boundary in the source tree: privsock/helper/ is the helper's code, and only it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HELPER_DIR = ROOT / "privsock" / "helper"
+
+
+def _loaded_by(module: str) -> dict[str, str]:
+    probe = (
+        "import json, sys\n"
+        f"import {module}\n"
+        "print(json.dumps({n: getattr(m, '__file__', None) or '' for n, m in sys.modules.items()"
+        " if n == 'privsock' or n.startswith('privsock.')}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", probe], capture_output=True, text=True, check=True, cwd="/"
+    )
+    loaded: dict[str, str] = json.loads(out.stdout)
+    return loaded
+
+
+def test_helper_entry_point_loads_only_the_helper_folder() -> None:
+    loaded = _loaded_by("privsock.helper.main")
+    outside = {
+        name: path
+        for name, path in loaded.items()
+        if name != "privsock" and not Path(path).resolve().is_relative_to(HELPER_DIR)
+    }
+    assert outside == {}, f"the helper loads boss-side modules: {outside}"
+    # The package's own __init__ is loaded as the parent; it must import nothing itself.
+    assert set(_loaded_by("privsock")) == {"privsock"}
+
+
+def test_every_helper_module_is_loaded_by_the_helper() -> None:
+    # Nothing dead or boss-only sits in the trusted folder.
+    loaded = {Path(p).resolve() for p in _loaded_by("privsock.helper.main").values() if p}
+    on_disk = set(HELPER_DIR.glob("*.py"))
+    assert on_disk - loaded == set(), "modules in privsock/helper/ that the helper never loads"
+
+
+def test_helper_code_imports_no_boss_module() -> None:
+    boss = {p.stem for p in (ROOT / "privsock").glob("*.py")} - {"__init__"}
+    for path in HELPER_DIR.glob("*.py"):
+        text = path.read_text()
+        for name in boss:
+            assert f"privsock.{name}" not in text, f"{path.name} names privsock.{name}"
+            assert f"from privsock import {name}" not in text, f"{path.name} imports {name}"
+
+
+def test_docs_give_the_trusted_code_line_count() -> None:
+    lines = sum(len(p.read_text().splitlines()) for p in HELPER_DIR.glob("*.py"))
+    figure = f"{lines:,} lines (`wc -l privsock/helper/*.py`)"
+    for doc in ("README.md", "SECURITY.md"):
+        assert figure in (ROOT / doc).read_text().replace("\n", " "), f"{doc} lacks {figure!r}"
