@@ -15,7 +15,10 @@ _LAZY = {
     "SocketCreator": "privsock.client",
     "SocketAllocator": "privsock.allocator",
     "ShareError": "privsock.allocator",
+    "PairError": "privsock.allocator",
     "Share": "privsock.allocator",
+    "drop_privileges": "privsock.dropall",
+    "DropError": "privsock.dropall",
     "CreatorError": "privsock.errors",
     "PolicyDenied": "privsock.errors",
     "RateLimited": "privsock.errors",
@@ -23,15 +26,21 @@ _LAZY = {
     "CreatorOSError": "privsock.errors",
     "HelperDied": "privsock.errors",
     "HelperStartError": "privsock.errors",
+    "HelperRestartLimit": "privsock.errors",
+    "HelperCannotRestart": "privsock.errors",
     "ProtocolViolation": "privsock.errors",
 }
 
 __all__ = [
     "CreatorError",
     "CreatorOSError",
+    "DropError",
+    "HelperCannotRestart",
     "HelperDied",
+    "HelperRestartLimit",
     "HelperStartError",
     "MalformedRequest",
+    "PairError",
     "PolicyDenied",
     "ProtocolViolation",
     "RateLimited",
@@ -39,13 +48,17 @@ __all__ = [
     "ShareError",
     "SocketAllocator",
     "SocketCreator",
+    "drop_privileges",
 ]
 
 if TYPE_CHECKING:
+    from privsock.allocator import PairError as PairError
     from privsock.allocator import Share as Share
     from privsock.allocator import ShareError as ShareError
     from privsock.allocator import SocketAllocator as SocketAllocator
     from privsock.client import SocketCreator as SocketCreator
+    from privsock.dropall import DropError as DropError
+    from privsock.dropall import drop_privileges as drop_privileges
     from privsock.errors import (
         CreatorError as CreatorError,
     )
@@ -53,7 +66,13 @@ if TYPE_CHECKING:
         CreatorOSError as CreatorOSError,
     )
     from privsock.errors import (
+        HelperCannotRestart as HelperCannotRestart,
+    )
+    from privsock.errors import (
         HelperDied as HelperDied,
+    )
+    from privsock.errors import (
+        HelperRestartLimit as HelperRestartLimit,
     )
     from privsock.errors import (
         HelperStartError as HelperStartError,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import array
 import atexit
 import collections
-import concurrent.futures
 import ipaddress
 import os
 import signal
@@ -35,10 +34,13 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
+from privsock import spawner
 from privsock.errors import (
     CreatorError,
     CreatorOSError,
+    HelperCannotRestart,
     HelperDied,
+    HelperRestartLimit,
     HelperStartError,
     MalformedRequest,
     PolicyDenied,
@@ -62,23 +64,13 @@ _DECISIONS = {
 _ANCBUF = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 
 
-class HelperRestartLimit(HelperDied):
-    """The helper kept dying; the boss stopped restarting it."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(None, detail)
-
-
 class FdNotReceived(CreatorError):
     """The helper sent a socket, but the kernel could not install it here
     (MSG_CTRUNC: usually this process is out of file descriptors)."""
 
 
-# The helper's PR_SET_PDEATHSIG fires when the *thread* that forked it exits,
-# not the process. So every helper is forked by this one long-lived thread:
-# a creator started or restarted from a short-lived request thread keeps its
-# helper, and the helper still dies with the boss process.
-_SPAWNER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="privsock-spawner")
+# Every helper is forked by one long-lived thread (privsock.spawner says why).
+_SPAWNER = spawner.SPAWNER
 
 
 # Every creator with a running helper, so that a normal interpreter exit
@@ -270,6 +262,7 @@ class SocketCreator:
                 self._reap_quietly()
             self._fatal = None
             self._starts.clear()
+            self._check_can_start()
             self.start()
 
     def _ensure_helper(self) -> None:
@@ -292,7 +285,19 @@ class SocketCreator:
                 f"{self.restart_window:g}s; not restarting it (see its audit log)"
             )
             raise self._fatal
+        self._check_can_start()
         self.start()
+
+    def _check_can_start(self) -> None:
+        """Before a restart: a process that dropped its privileges cannot start
+        a helper, so say that rather than relay the new helper's refusal. (A
+        custom helper_argv may bring its own privilege: it is left to try.)"""
+        if self.connect_path is not None or self.helper_argv != default_helper_argv():
+            return
+        why = spawner.start_blocker()
+        if why is not None:
+            self._fatal = HelperCannotRestart(why)
+            raise self._fatal
 
     def ping(self) -> None:
         with self._lock:

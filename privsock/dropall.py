@@ -1,5 +1,6 @@
-"""Dropping the boss to an ordinary user with no privilege at all, before it
-execs a server (``privsock exec``), and proving it before the exec.
+"""Dropping the boss to an ordinary user with no privilege at all: before
+``privsock exec`` execs a server, and for a library user that keeps running
+(``privsock.drop_privileges``); proven from /proc before anything goes on.
 
 The order, started as root: empty the capability bounding set first (that
 needs CAP_SETPCAP, which the uid change takes away), clear the inheritable
@@ -8,9 +9,14 @@ keep-caps the kernel clears the permitted and effective sets; they are cleared
 by hand as well, in case securebits said otherwise), then no_new_privs. Then
 /proc/thread-self/status must show exactly that, or nothing is exec'd.
 
-Capability sets and no_new_privs belong to the calling thread, and that is the
-thread whose credentials the exec'd program gets; so the check reads the
-thread's own status, not the process's.
+Capability sets, the bounding set, securebits and no_new_privs belong to each
+thread; only the uid/gid/groups change reaches every thread (glibc broadcasts
+it). Before an exec, the calling thread is the one whose credentials the
+program gets, so ``drop`` covers that thread and checks
+/proc/thread-self/status. A process that keeps running needs every thread
+dropped: ``drop_privileges`` does the per-thread steps in the calling thread
+and in privsock's own spawner thread, refuses while any other thread exists,
+and checks /proc/self/task/*/status for each.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ import ctypes
 import grp
 import os
 import pwd
+import threading
 from dataclasses import dataclass
 
 import prctl
 
+from privsock import spawner
 from privsock.helper.exitcodes import Exit
 from privsock.helper.procstatus import CAP_SETS, StatusFormatError, cap_names, parse_status
 
@@ -36,6 +44,8 @@ _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
 
 class DropError(Exception):
+    """The drop was refused or failed; ``exit_code`` is a sysexits code."""
+
     def __init__(self, exit_code: int, message: str) -> None:
         super().__init__(message)
         self.exit_code = exit_code
@@ -84,12 +94,15 @@ def resolve(user: str, group: str | None) -> Target:
     return Target(pw.pw_name, pw.pw_uid, gid, pw.pw_dir)
 
 
-def check_privilege() -> None:
+def check_privilege(who: str = "privsock exec") -> None:
     """The drop needs root with SETUID, SETGID and SETPCAP; say so before
-    anything starts."""
+    anything starts. ``who`` names what needs it, for the message."""
     if os.geteuid() != 0:
         raise DropError(
-            Exit.NOPERM, "privsock exec must be started as root: it drops to --user itself"
+            Exit.NOPERM,
+            f"{who} must be started as root: it drops to --user itself"
+            if who == "privsock exec"
+            else f"{who} needs root: this process runs as uid {os.geteuid()}",
         )
     status = parse_status(_read_status())
     missing = [
@@ -103,22 +116,40 @@ def check_privilege() -> None:
         )
 
 
+def _empty_thread_sets() -> None:
+    """This thread, while it still holds CAP_SETPCAP: an empty bounding set,
+    no inheritable and no ambient capabilities."""
+    with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        _prctl(_PR_CAPBSET_DROP, cap)
+    prctl.cap_inheritable.limit()
+    _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
+
+
+def _switch_ids(target: Target) -> None:
+    # glibc makes every thread of the process take these (its setxid broadcast).
+    os.setgroups([])
+    os.setresgid(target.gid, target.gid, target.gid)
+    os.setresuid(target.uid, target.uid, target.uid)
+
+
+def _seal_thread() -> None:
+    """This thread, after the uid change: nothing permitted or effective (the
+    kernel clears them unless keep-caps was set), and no_new_privs."""
+    prctl.cap_effective.limit()
+    prctl.cap_permitted.limit()
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+
+
 def drop(target: Target) -> None:
     """Become target.uid/target.gid with no capability in any set, no
-    supplementary groups and no_new_privs; then verify (DropError if not)."""
+    supplementary groups and no_new_privs; then verify (DropError if not).
+    Covers the calling thread only: for ``privsock exec``, which execs next."""
     try:
-        with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as f:
-            last = int(f.read())
-        for cap in range(last + 1):
-            _prctl(_PR_CAPBSET_DROP, cap)
-        prctl.cap_inheritable.limit()
-        _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
-        os.setgroups([])
-        os.setresgid(target.gid, target.gid, target.gid)
-        os.setresuid(target.uid, target.uid, target.uid)
-        prctl.cap_effective.limit()
-        prctl.cap_permitted.limit()
-        _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+        _empty_thread_sets()
+        _switch_ids(target)
+        _seal_thread()
     except (OSError, ValueError) as exc:
         raise DropError(Exit.OSERR, f"dropping to {target.user} failed: {exc}") from None
     problems = verify(_read_status(), target)
@@ -127,6 +158,77 @@ def drop(target: Target) -> None:
             Exit.OSERR, "privilege drop not verified, not running the command: "
             + "; ".join(problems),
         )  # fmt: skip
+
+
+def _threads() -> dict[int, str]:
+    """tid -> name of every thread of this process: Python's name for a
+    Python thread, the kernel's (comm) for any other."""
+    named = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+    threads = {}
+    for entry in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{entry}/comm", encoding="utf-8", errors="replace") as f:
+                threads[int(entry)] = named.get(int(entry)) or f.read().strip()
+        except FileNotFoundError:
+            pass  # it has just exited
+    return threads
+
+
+def drop_privileges(user: str | int, group: str | int | None = None) -> Target:
+    """Drop this whole process, every thread of it, to ``user`` and ``group``
+    (names or ids; the group defaults to the user's primary group): no
+    capability in any set (bounding set included), no supplementary groups,
+    no_new_privs. Needs root; refuses root as the target.
+
+    The bounding set and no_new_privs belong to each thread, so a thread left
+    out could regain root by exec'ing a set-uid program. The drop covers the
+    calling thread and privsock's own spawner thread, and raises DropError,
+    changing nothing, while the process has any other thread: call it before
+    starting threads of your own. Afterwards it reads the status of every
+    thread (/proc/self/task/*/status) and raises DropError unless each shows
+    the drop; then the process is half-dropped and should exit.
+
+    Helpers already running keep serving. One that dies cannot be restarted
+    by a dropped process (that needs privilege): use
+    ``SocketCreator(connect=PATH)`` with a socket-activated helper
+    (deploy/systemd) if the boss must survive helper deaths."""
+    if isinstance(user, bool) or not isinstance(user, str | int):
+        raise TypeError(f"user must be a name or a uid, not {type(user).__name__}")
+    if isinstance(group, bool) or not isinstance(group, str | int | None):
+        raise TypeError(f"group must be a name, a gid or None, not {type(group).__name__}")
+    target = resolve(str(user), None if group is None else str(group))
+    check_privilege("privsock.drop_privileges")
+    me = threading.get_native_id()
+    ours = {me, spawner.call(threading.get_native_id)}
+    others = {tid: name for tid, name in _threads().items() if tid not in ours}
+    if others:
+        listed = ", ".join(f"{tid} ({name})" for tid, name in sorted(others.items()))
+        raise DropError(
+            Exit.USAGE,
+            f"not dropping privileges: this process has {len(others)} other thread(s) "
+            f"({listed}); each thread keeps its own bounding set and no_new_privs, so drop "
+            "before starting threads",
+        )
+    try:
+        spawner.call(_empty_thread_sets)
+        _empty_thread_sets()
+        _switch_ids(target)
+        spawner.call(_seal_thread)
+        _seal_thread()
+    except (OSError, ValueError) as exc:
+        raise DropError(Exit.OSERR, f"dropping to {target.user} failed: {exc}") from None
+    for tid, name in _threads().items():
+        try:
+            with open(f"/proc/self/task/{tid}/status", encoding="ascii", errors="replace") as f:
+                problems = verify(f.read(), target)
+        except FileNotFoundError:
+            continue
+        if problems:
+            raise DropError(
+                Exit.OSERR,
+                f"privilege drop not verified for thread {tid} ({name}): " + "; ".join(problems),
+            )
+    return target
 
 
 def verify(status_text: str, target: Target) -> list[str]:

@@ -85,3 +85,23 @@ class HelperStartError(HelperDied):
         super().__init__(returncode, detail)
         status = "" if returncode is None else f" ({describe_exit(returncode)})"
         self.args = (f"privsock helper did not start{status}" + (f": {detail}" if detail else ""),)
+
+
+class HelperRestartLimit(HelperDied):
+    """The helper kept dying; the boss stopped restarting it."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(None, detail)
+
+
+class HelperCannotRestart(HelperDied):
+    """The helper is gone and this process cannot start another: it holds no
+    privilege any more (``privsock.drop_privileges``). ``detail`` says why."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(None, detail)
+        self.args = (
+            f"privsock helper is gone and cannot be restarted: {detail}; a boss that drops "
+            "its privileges should use SocketCreator(connect=PATH) with a socket-activated "
+            "helper (deploy/systemd), which it can reconnect to without privilege",
+        )
