@@ -181,7 +181,7 @@ class RawHelper:
         )  # fmt: skip
         theirs.close()
         self.chan.settimeout(10)
-        self.chan.send(protocol.encode_request(protocol.ping(1)))
+        self.chan.send(protocol.encode_request(protocol.Ping(1)))
         try:
             reply = self.chan.recv(protocol.REPLY_SIZE + 1)
         except OSError:
@@ -274,17 +274,14 @@ def client_round_trips(creator: SocketCreator, transport: str, family: int, port
 
 def _receive_one(chan: socket.socket) -> tuple[bytes, list[int]]:
     data, anc, _flags, _ = chan.recvmsg(protocol.REPLY_SIZE + 1, ANCBUF, socket.MSG_CMSG_CLOEXEC)
-    fds = array.array("i")
-    for _level, _kind, raw in anc:
-        fds.frombytes(raw[: len(raw) - len(raw) % fds.itemsize])
-    return data, list(fds)
+    return data, protocol.received_fds(anc)
 
 
 def raw_round_trips(chan: socket.socket, transport: str, family: int, port: int,
                     n: int) -> list[int]:  # fmt: skip
     """The least a Python boss can do per socket: send fixed bytes, take the fd, close it."""
     address = ipaddress.ip_address(ADDRESS[family])
-    req = protocol.create(1, protocol.Transport[transport.upper()], address, port)
+    req = protocol.Create(1, protocol.Transport[transport.upper()], address, port)
     request = protocol.encode_request(req)
     clock, samples = time.perf_counter_ns, []
     for _ in range(n):
@@ -336,7 +333,7 @@ def py_pipelined(chan: socket.socket, base: int, depth: int, n: int) -> int:
     t0 = time.perf_counter_ns()
     while done < n:
         while sent < n and sent - done < depth:
-            req = protocol.create(sent + 1, protocol.Transport.UDP, address, base + sent % depth)
+            req = protocol.Create(sent + 1, protocol.Transport.UDP, address, base + sent % depth)
             chan.sendmsg([protocol.encode_request(req)])
             sent += 1
         data, fds = _receive_one(chan)

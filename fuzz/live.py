@@ -61,6 +61,7 @@ from typing import IO
 
 from fuzz import model
 from fuzz.model import CREATE, MALFORMED, OK, OS_ERROR, PING, RATE_LIMITED, STAGE_BIND, TCP, UDP
+from privsock.helper import protocol
 
 PYTHON = sys.executable
 HELPER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
@@ -334,13 +335,7 @@ class LiveHelper:
         data, ancillary, flags, _ = self.chan.recvmsg(
             64, socket.CMSG_SPACE(16 * 4), socket.MSG_CMSG_CLOEXEC
         )
-        fds: list[int] = []
-        for level, kind, raw in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                got = array.array("i")
-                got.frombytes(raw[: len(raw) - len(raw) % got.itemsize])
-                fds.extend(got)
-        return data, fds, flags
+        return data, protocol.received_fds(ancillary), flags
 
     def end(self, creds: bool = False) -> int | None:
         """The documented end of a session: a zero-length message. Returns the

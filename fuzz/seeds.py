@@ -32,7 +32,7 @@ def protocol_seeds() -> Iterable[bytes]:
     for _reply, wire in tp.REPLY_CASES:
         yield wire
     for transport, address, options in tp.CREATE_CASES:
-        yield protocol.encode_request(protocol.create(tp.RID, transport, address, 53, options))
+        yield protocol.encode_request(protocol.Create(tp.RID, transport, address, 53, options))
     yield from e2e.MALFORMED
     yield from e2e._mutations()
 

@@ -90,7 +90,7 @@ def _key(
     if v6only:
         options |= Option.V6ONLY
     # Refuse here what the helper would call malformed, before the cache is touched.
-    protocol.encode_request(protocol.create(1, tr, addr, port, options))
+    protocol.encode_request(protocol.Create(1, tr, addr, port, options))
     return tr, addr.version, addr, port, options
 
 

@@ -221,7 +221,7 @@ class SocketCreator:
         self._stderr = self._proc.stderr.fileno()
         os.set_blocking(self._stderr, False)
         try:
-            self._exchange(protocol.ping(self._new_id()), self.start_timeout)
+            self._exchange(protocol.Ping(self._new_id()), self.start_timeout)
         except HelperDied as exc:
             self._reap_quietly()
             raise HelperStartError(exc.returncode, self._last_message()) from None
@@ -237,7 +237,7 @@ class SocketCreator:
         self._chan = chan
         _LIVE.add(self)
         try:
-            self._exchange(protocol.ping(self._new_id()), self.start_timeout)
+            self._exchange(protocol.Ping(self._new_id()), self.start_timeout)
         except HelperDied:
             self._reap_quietly()
             raise HelperStartError(
@@ -302,7 +302,7 @@ class SocketCreator:
     def ping(self) -> None:
         with self._lock:
             self._ensure_helper()
-            self._exchange(protocol.ping(self._new_id()), self.reply_timeout)
+            self._exchange(protocol.Ping(self._new_id()), self.reply_timeout)
 
     def create(
         self,
@@ -324,7 +324,7 @@ class SocketCreator:
         if v6only:
             options |= Option.V6ONLY
         # encode_request refuses what the helper would call malformed (port 0, ...).
-        req = protocol.create(self._new_id(), tr, addr, port, options)
+        req = protocol.Create(self._new_id(), tr, addr, port, options)
         protocol.encode_request(req)
         what = describe(tr, addr, port)
         with self._lock:
@@ -374,7 +374,7 @@ class SocketCreator:
             self._kill(f"no reply within {timeout:g}s")
         except OSError:
             raise self._died() from None
-        fds = _take_fds(ancdata)
+        fds = protocol.received_fds(ancdata)
         if not data and not ancdata:
             raise self._died()
         try:
@@ -512,12 +512,3 @@ class SocketCreator:
             retry_ms=reply.detail if reply.status is Status.RATE_LIMITED else None,
         ))  # fmt: skip
 
-
-def _take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-            fds.extend(arr)
-    return fds

@@ -42,13 +42,7 @@ class RawHelper:
         data, anc, flags, _ = self.chan.recvmsg(
             REPLY_SIZE + 64, socket.CMSG_SPACE(16 * 4), socket.MSG_CMSG_CLOEXEC
         )
-        fds: list[int] = []
-        for level, kind, raw in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(raw[: len(raw) - len(raw) % 4])
-                fds.extend(arr)
-        return data, fds, flags
+        return data, protocol.received_fds(anc), flags
 
     def exchange(self, data: bytes, fds: list[int] | None = None) -> tuple[bytes, list[int]]:
         self.send(data, fds)
@@ -57,7 +51,7 @@ class RawHelper:
 
     def wait_ready(self) -> None:
         """Serving starts only after hardening; a PING answered means hardened."""
-        reply, fds = self.exchange(protocol.encode_request(protocol.ping(424242)))
+        reply, fds = self.exchange(protocol.encode_request(protocol.Ping(424242)))
         assert not fds
         assert protocol.decode_reply(reply).status is protocol.Status.OK
 

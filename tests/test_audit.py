@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from privsock.helper.auditrecord import FIELDS, encode, option_names, parse, record, rfc3339
-from privsock.helper.protocol import Option, Transport, create, ping
+from privsock.helper.protocol import Create, Option, Ping, Transport
 
 V4 = ipaddress.IPv4Address("192.0.2.10")
 V6 = ipaddress.IPv6Address("2001:db8::1")
@@ -28,7 +28,7 @@ def test_fields_are_the_documented_ones() -> None:
 
 
 def test_record_for_a_granted_create() -> None:
-    req = create(7, Transport.UDP, V6, 53, Option.REUSEADDR | Option.V6ONLY)
+    req = Create(7, Transport.UDP, V6, 53, Option.REUSEADDR | Option.V6ONLY)
     rec = record(now=NOW, side="helper", pid=4242, request_id=7, request=req,
                  decision="granted", rule="allow[0]")  # fmt: skip
     assert tuple(rec) == FIELDS
@@ -51,7 +51,7 @@ def test_record_for_a_granted_create() -> None:
 
 
 def test_record_for_os_error_and_rate_limited() -> None:
-    req = create(9, Transport.TCP, V4, 80)
+    req = Create(9, Transport.TCP, V4, 80)
     rec = record(now=0.0, side="helper", pid=1, request_id=9, request=req,
                  decision="os_error", reason="bind", rule="allow[1]", errno=98)  # fmt: skip
     assert (rec["transport"], rec["address"], rec["port"], rec["options"]) == (
@@ -77,7 +77,7 @@ def test_record_for_malformed_has_nulls() -> None:
 
 
 def test_record_for_ping() -> None:
-    rec = record(now=NOW, side="helper", pid=3, request_id=0xFFFFFFFF, request=ping(0xFFFFFFFF),
+    rec = record(now=NOW, side="helper", pid=3, request_id=0xFFFFFFFF, request=Ping(0xFFFFFFFF),
                  decision="pong")  # fmt: skip
     assert rec["op"] == "PING"
     assert rec["id"] == 0xFFFFFFFF
@@ -88,12 +88,12 @@ def test_record_keeps_wildcard_addresses() -> None:
     """0.0.0.0 and :: are falsy-looking but real addresses: they must be logged."""
     for addr in (ipaddress.IPv4Address("0.0.0.0"), ipaddress.IPv6Address("::")):
         rec = record(now=NOW, side="helper", pid=1, request_id=1,
-                     request=create(1, Transport.TCP, addr, 443), decision="granted")  # fmt: skip
+                     request=Create(1, Transport.TCP, addr, 443), decision="granted")  # fmt: skip
         assert rec["address"] == str(addr)
 
 
 def test_encode_is_one_compact_ascii_line_in_field_order() -> None:
-    req = create(7, Transport.TCP, V4, 443, Option.REUSEPORT)
+    req = Create(7, Transport.TCP, V4, 443, Option.REUSEPORT)
     rec = record(now=NOW, side="helper", pid=4242, request_id=7, request=req,
                  decision="denied", reason="port", rule="deny[1]")  # fmt: skip
     line = encode(rec)
@@ -123,11 +123,11 @@ def test_encode_escapes_newlines_and_non_ascii() -> None:
 def test_parse_round_trips(as_text: bool) -> None:
     recs = [
         record(now=NOW, side="helper", pid=1, request_id=5,
-               request=create(5, Transport.UDP, V6, 1, Option(7)), decision="granted",
+               request=Create(5, Transport.UDP, V6, 1, Option(7)), decision="granted",
                rule="allow[2]"),
         record(now=0.0, side="boss", pid=2, request_id=0, request=None, decision="malformed",
                reason="bad magic"),
-        record(now=NOW, side="helper", pid=3, request_id=6, request=ping(6), decision="pong"),
+        record(now=NOW, side="helper", pid=3, request_id=6, request=Ping(6), decision="pong"),
     ]  # fmt: skip
     for rec in recs:
         line = encode(rec)

@@ -21,7 +21,7 @@ from privsock.helper.protocol import Transport
 
 
 def rec(decision: str = "granted", port: int = 53) -> dict[str, Any]:
-    req = protocol.create(7, Transport.UDP, ipaddress.ip_address("127.0.0.1"), port)
+    req = protocol.Create(7, Transport.UDP, ipaddress.ip_address("127.0.0.1"), port)
     return auditrecord.record(
         now=1_800_000_000.25, side="boss", pid=42, request_id=7, request=req,
         decision=decision, reason="port" if decision == "denied" else None,

@@ -137,7 +137,7 @@ def shared_policy(root: None) -> Iterator[Path]:
 
 
 def _create(request_id: int, transport: str, address: str, port: int) -> bytes:
-    req = protocol.create(request_id, protocol.Transport[transport.upper()],
+    req = protocol.Create(request_id, protocol.Transport[transport.upper()],
                           ipaddress.ip_address(address), port)  # fmt: skip
     return protocol.encode_request(req)
 
@@ -159,7 +159,7 @@ def test_non_root_start_on_an_accepted_connection(shared_policy: Path, tmp_path:
         )  # fmt: skip
         conn.close()
         boss.settimeout(30)
-        boss.send(protocol.encode_request(protocol.ping(1)))
+        boss.send(protocol.encode_request(protocol.Ping(1)))
         assert protocol.decode_reply(boss.recv(64)).status is protocol.Status.OK
         assert verdict(parse_status(proc_status(helper.pid))) == []
         boss.send(_create(2, "udp", "127.0.0.1", 53))
@@ -187,10 +187,10 @@ except OSError as exc:
     print(json.dumps({"connect": exc.strerror}))
     sys.exit(0)
 s.settimeout(30)
-s.send(protocol.encode_request(protocol.ping(1)))
+s.send(protocol.encode_request(protocol.Ping(1)))
 out["ping"] = protocol.decode_reply(s.recv(64)).status.name
 for rid, (tr, addr, port) in enumerate([(T.UDP, "127.0.0.1", 53), (T.TCP, "0.0.0.0", 22)], 2):
-    s.send(protocol.encode_request(protocol.create(rid, tr, ipaddress.ip_address(addr), port)))
+    s.send(protocol.encode_request(protocol.Create(rid, tr, ipaddress.ip_address(addr), port)))
     data, fds, _, _ = socket.recv_fds(s, 64, 1)
     names = [socket.socket(fileno=f).getsockname() for f in fds]
     out[f"{addr}:{port}"] = [protocol.decode_reply(data).status.name, names]

@@ -44,7 +44,7 @@ def raw(root: None, test_policy: Path) -> Iterator[RawHelper]:
 
 
 def _create_bytes(port: int = 53, rid: int = 7, **kw: object) -> bytes:
-    req = protocol.create(rid, Transport.UDP, ipaddress.ip_address("127.0.0.1"), port)
+    req = protocol.Create(rid, Transport.UDP, ipaddress.ip_address("127.0.0.1"), port)
     return protocol.encode_request(req)
 
 
@@ -167,7 +167,7 @@ def test_malformed_gets_malformed_and_helper_goes_on(raw: RawHelper, data: bytes
 
 
 def test_ping_with_payload_is_malformed(raw: RawHelper) -> None:
-    data = bytearray(protocol.encode_request(protocol.ping(5)))
+    data = bytearray(protocol.encode_request(protocol.Ping(5)))
     data[20] = 1
     reply, _ = raw.exchange(bytes(data))
     assert protocol.decode_reply(reply).status is Status.MALFORMED
@@ -250,7 +250,7 @@ ALLOWED = "s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM); s.bind(('::1'
 HARDEN_THEN = """
 import os, socket, sys
 from privsock.helper import main
-chan, policy, pid = main.harden(sys.argv[1], os.getppid())
+hardened = main.harden(sys.argv[1], os.getppid())
 os.write(2, b"hardened\\n")
 try:
     {action}
@@ -448,7 +448,7 @@ def test_inherited_fds_are_closed_before_serving(root: None, test_policy: Path) 
     theirs.close()
     try:
         ours.settimeout(10)
-        ours.send(protocol.encode_request(protocol.ping(1)))
+        ours.send(protocol.encode_request(protocol.Ping(1)))
         assert protocol.decode_reply(ours.recv(64)).status is Status.OK
         assert sorted(map(int, os.listdir(f"/proc/{proc.pid}/fd"))) == [0, 2]
         os.close(w)
@@ -519,7 +519,7 @@ def test_helper_loads_its_own_filter_under_a_runtimes_filter(
     theirs.close()
     try:
         ours.settimeout(10)
-        ours.send(protocol.encode_request(protocol.ping(1)))
+        ours.send(protocol.encode_request(protocol.Ping(1)))
         assert protocol.decode_reply(ours.recv(64)).status is Status.OK
         status = parse_status(proc_status(proc.pid))
         assert status.seccomp == 2

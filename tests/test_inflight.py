@@ -51,7 +51,7 @@ def reply_waiting(h: RawHelper) -> None:
 
 
 def create(rid: int, port: int) -> bytes:
-    return protocol.encode_request(protocol.create(rid, Transport.UDP, LOOPBACK, port))
+    return protocol.encode_request(protocol.Create(rid, Transport.UDP, LOOPBACK, port))
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ import ctypes, mmap, os, socket, sys, threading, time
 libc = ctypes.CDLL("libc.so.6", use_errno=True)
 {before}
 from privsock.helper import main
-chan, policy, pid = main.harden(sys.argv[1], os.getppid())
+hardened = main.harden(sys.argv[1], os.getppid())
 os.write(2, b"hardened\\n")
 try:
     {action}

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from privsock.helper.policy import Decision, Policy, RateLimit, Rule, decide
 from privsock.helper.policyparse import PolicyError, parse_policy
-from privsock.helper.protocol import Option, Reason, Transport
+from privsock.helper.protocol import Create, Option, Reason, Transport
 from privsock.policyview import describe
 
 POLICY_DIR = Path(__file__).resolve().parent.parent / "policy"
@@ -354,8 +354,9 @@ def test_partly_denied_allow_rule_is_accepted(deny: str) -> None:
 def test_wildcard_denied_but_an_address_left_is_accepted() -> None:
     allow = rule(addresses='["0.0.0.0/32", "127.0.0.1"]')
     policy = parse_policy(doc(allow, rule("deny", ports="[53]", addresses='["10.0.0.0/8"]')))
-    assert decide(policy, UDP, ipaddress.ip_address("127.0.0.1"), 53, NONE).allowed
-    assert decide(policy, UDP, ipaddress.ip_address("0.0.0.0"), 53, NONE).rule == "deny[0]"
+    assert decide(policy, Create(1, UDP, ipaddress.ip_address("127.0.0.1"), 53, NONE)).allowed
+    wildcard = Create(1, UDP, ipaddress.ip_address("0.0.0.0"), 53, NONE)
+    assert decide(policy, wildcard).rule == "deny[0]"
 
 
 def test_covered_check_needs_every_port() -> None:
@@ -416,7 +417,7 @@ def test_full_rule_and_helper() -> None:
 def test_deny_only_policy_is_accepted_and_grants_nothing() -> None:
     policy = parse_policy(doc(rule("deny")))
     assert policy.allow == ()
-    assert decide(policy, UDP, ipaddress.ip_address("127.0.0.1"), 53, NONE) == Decision(
+    assert decide(policy, Create(1, UDP, ipaddress.ip_address("127.0.0.1"), 53, NONE)) == Decision(
         False, PORT, "default"
     )
 
@@ -564,7 +565,7 @@ def test_decide(
     reason: Reason | None,
     rule_name: str,
 ) -> None:
-    got = decide(TABLE_POLICY, transport, ipaddress.ip_address(address), port, options)
+    got = decide(TABLE_POLICY, Create(1, transport, ipaddress.ip_address(address), port, options))
     assert got == Decision(allowed, reason, rule_name)
 
 
@@ -576,7 +577,7 @@ def test_reason_is_from_the_rule_that_got_furthest(reverse: bool) -> None:
         rule(transports='["udp"]', ports="[81]"),  # at the port
     ]
     policy = parse_policy(doc(*(reversed(rules) if reverse else rules)))
-    got = decide(policy, UDP, ipaddress.ip_address("10.0.0.1"), 80, NONE)
+    got = decide(policy, Create(1, UDP, ipaddress.ip_address("10.0.0.1"), 80, NONE))
     assert got == Decision(False, ADDRESS, "default")
 
 
@@ -587,16 +588,17 @@ def test_reason_transport_example() -> None:
             rule(transports='["tcp"]', ports="[80]"),
         )
     )
-    got = decide(policy, UDP, ipaddress.ip_address("0.0.0.0"), 80, NONE)
+    got = decide(policy, Create(1, UDP, ipaddress.ip_address("0.0.0.0"), 80, NONE))
     assert got == Decision(False, TRANSPORT, "default")
 
 
 def test_reason_address_example() -> None:
     policy = parse_policy((POLICY_DIR / "examples" / "dns-loopback.toml").read_text())
-    got = decide(policy, UDP, ipaddress.ip_address("10.9.9.9"), 53, NONE)
+    got = decide(policy, Create(1, UDP, ipaddress.ip_address("10.9.9.9"), 53, NONE))
     assert got == Decision(False, ADDRESS, "default")
-    assert decide(policy, UDP, ipaddress.ip_address("0.0.0.0"), 53, NONE).reason is ADDRESS
-    assert decide(policy, TCP, ipaddress.ip_address("127.0.0.53"), 53, NONE).allowed
+    wildcard = Create(1, UDP, ipaddress.ip_address("0.0.0.0"), 53, NONE)
+    assert decide(policy, wildcard).reason is ADDRESS
+    assert decide(policy, Create(1, TCP, ipaddress.ip_address("127.0.0.53"), 53, NONE)).allowed
 
 
 def test_dual_stack_may_be_granted_by_two_rules() -> None:
@@ -606,7 +608,7 @@ def test_dual_stack_may_be_granted_by_two_rules() -> None:
             rule(transports='["tcp"]', ports="[80]", addresses='["::/0"]'),
         )
     )
-    assert decide(policy, TCP, ipaddress.ip_address("::"), 80, NONE) == Decision(
+    assert decide(policy, Create(1, TCP, ipaddress.ip_address("::"), 80, NONE)) == Decision(
         True, None, "allow[1]"
     )
 
@@ -627,7 +629,8 @@ def test_default_policy_matches_readme(
     transport: Transport, address: str, port: int, options: Option, expected: Decision
 ) -> None:
     policy = parse_policy((POLICY_DIR / "default.toml").read_text())
-    assert decide(policy, transport, ipaddress.ip_address(address), port, options) == expected
+    create = Create(1, transport, ipaddress.ip_address(address), port, options)
+    assert decide(policy, create) == expected
 
 
 # ---------------------------------------------------------------------------
@@ -698,7 +701,7 @@ def check_parse(text: str) -> None:
     else:
         assert isinstance(policy, Policy)
         describe(policy)
-        decide(policy, UDP, ipaddress.ip_address("::"), 53, NONE)
+        decide(policy, Create(1, UDP, ipaddress.ip_address("::"), 53, NONE))
 
 
 @given(st.text())
@@ -809,7 +812,7 @@ def _grants(
 def test_decide_never_allows_what_a_deny_rule_matches(
     policy: Policy, transport: Transport, address: IPAddress, port: int, options: Option
 ) -> None:
-    got = decide(policy, transport, address, port, options)
+    got = decide(policy, Create(1, transport, address, port, options))
     hits = [r.name for r in policy.deny if _deny_hits(r, transport, address, port, options)]
     if hits:
         assert got == Decision(False, PORT, hits[0])

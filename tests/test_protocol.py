@@ -3,8 +3,10 @@ properties over arbitrary and bit-flipped messages. Pure: no sockets, no root.""
 
 from __future__ import annotations
 
+import array
 import ipaddress
 import itertools
+import socket
 
 import pytest
 from hypothesis import given
@@ -16,9 +18,11 @@ from privsock.helper.protocol import (
     REPLY_SIZE,
     REQUEST_SIZE,
     VERSION,
+    Create,
     Family,
     Op,
     Option,
+    Ping,
     ProtocolError,
     Reason,
     Reply,
@@ -26,7 +30,6 @@ from privsock.helper.protocol import (
     Stage,
     Status,
     Transport,
-    create,
     decode_reply,
     decode_request,
     denied,
@@ -36,8 +39,8 @@ from privsock.helper.protocol import (
     ok,
     os_error,
     peek_request_id,
-    ping,
     rate_limited,
+    received_fds,
     reply_carries_fd,
 )
 
@@ -127,7 +130,7 @@ def test_sizes_and_constants() -> None:
 
 
 def test_v4_request_layout_literal() -> None:
-    req = create(RID, Transport.TCP, V4, 443, Option.REUSEADDR | Option.REUSEPORT)
+    req = Create(RID, Transport.TCP, V4, 443, Option.REUSEADDR | Option.REUSEPORT)
     expected = bytes.fromhex(
         "5053"  # 0-1 magic
         "01"  # 2 version
@@ -147,7 +150,7 @@ def test_v4_request_layout_literal() -> None:
 
 def test_v6_request_layout() -> None:
     addr = ipaddress.IPv6Address("2001:db8:1:2:3:4:5:6")
-    req = create(0xFFFFFFFE, Transport.UDP, addr, 0xFFFF, Option.V6ONLY)
+    req = Create(0xFFFFFFFE, Transport.UDP, addr, 0xFFFF, Option.V6ONLY)
     data = encode_request(req)
     assert data[0:2] == b"PS"
     assert data[2] == 1
@@ -167,19 +170,17 @@ def test_v6_request_layout() -> None:
 
 
 def test_port_is_big_endian() -> None:
-    data = encode_request(create(1, Transport.UDP, V4, 0x1234))
+    data = encode_request(Create(1, Transport.UDP, V4, 0x1234))
     assert data[10:12] == b"\x12\x34"
 
 
 def test_ping_layout() -> None:
-    data = encode_request(ping(RID))
+    data = encode_request(Ping(RID))
     assert data == b"PS\x01\x02\x01\x02\x03\x04" + bytes(24)
     assert data == VALID_PING
     req = decode_request(data)
-    assert req == Request(Op.PING, RID)
-    assert (req.transport, req.address, req.port, req.options, req.family) == (
-        None, None, 0, Option(0), None,
-    )  # fmt: skip
+    assert req == Ping(RID)
+    assert type(req) is Ping  # no fields beyond the id, so nothing downstream can misread
 
 
 REPLY_CASES = [
@@ -252,7 +253,7 @@ def test_create_round_trip(
 ) -> None:
     for port in (1, 53, 65535):
         for rid in (0, 1, RID, U32_MAX):
-            req = create(rid, transport, address, port, options)
+            req = Create(rid, transport, address, port, options)
             data = encode_request(req)
             assert len(data) == REQUEST_SIZE
             back = decode_request(data)
@@ -264,7 +265,7 @@ def test_create_round_trip(
 
 @pytest.mark.parametrize("rid", [0, 1, RID, U32_MAX])
 def test_ping_round_trip(rid: int) -> None:
-    assert decode_request(encode_request(ping(rid))) == ping(rid)
+    assert decode_request(encode_request(Ping(rid))) == Ping(rid)
 
 
 @pytest.mark.parametrize("rid", [0, 1, U32_MAX])
@@ -281,9 +282,9 @@ def test_reply_round_trips(rid: int) -> None:
 
 
 def test_hand_built_bases_are_valid() -> None:
-    assert decode_request(VALID_V4) == create(RID, Transport.UDP, V4, 53)
-    assert decode_request(VALID_V6) == create(RID, Transport.TCP, V6, 443, ALL_OPTIONS)
-    assert decode_request(VALID_PING) == ping(RID)
+    assert decode_request(VALID_V4) == Create(RID, Transport.UDP, V4, 53)
+    assert decode_request(VALID_V6) == Create(RID, Transport.TCP, V6, 443, ALL_OPTIONS)
+    assert decode_request(VALID_PING) == Ping(RID)
 
 
 @pytest.mark.parametrize("length", [n for n in range(65) if n != REQUEST_SIZE])
@@ -496,9 +497,9 @@ def test_encode_reply_refuses_out_of_range() -> None:
 def test_reply_carries_fd_truth_table(status: Status, request_kind: str) -> None:
     request = {
         "none": None,
-        "ping": ping(1),
-        "create4": create(1, Transport.UDP, V4, 53),
-        "create6": create(1, Transport.TCP, V6, 53),
+        "ping": Ping(1),
+        "create4": Create(1, Transport.UDP, V4, 53),
+        "create6": Create(1, Transport.TCP, V6, 53),
     }[request_kind]
     reply = Reply(status, 1)
     expected = status is Status.OK and request_kind.startswith("create")
@@ -512,25 +513,24 @@ def test_reply_carries_fd_truth_table(status: Status, request_kind: str) -> None
 @pytest.mark.parametrize(
     "req",
     [
-        create(1, Transport.UDP, V4, 0),
-        create(1, Transport.UDP, V4, 65536),
-        create(1, Transport.UDP, V4, -1),
-        create(1, Transport.UDP, V6, 0),
-        create(1, Transport.UDP, V4, 53, Option.V6ONLY),
-        create(1, Transport.TCP, V4, 53, ALL_OPTIONS),
-        create(1, Transport.UDP, V4, 53, Option(8)),
-        create(1, Transport.UDP, V6, 53, Option(0x8000)),
-        create(1, Transport.UDP, V6, 53, Option(0x10000)),
-        create(U32_MAX + 1, Transport.UDP, V4, 53),
-        create(-1, Transport.UDP, V4, 53),
-        ping(U32_MAX + 1),
-        ping(-1),
-        Request(Op.CREATE, 1, None, V4, 53),
-        Request(Op.CREATE, 1, Transport.UDP, None, 53),
-        Request(Op.PING, 1, Transport.UDP),
-        Request(Op.PING, 1, address=V4),
-        Request(Op.PING, 1, port=53),
-        Request(Op.PING, 1, options=Option.REUSEADDR),
+        Create(1, Transport.UDP, V4, 0),
+        Create(1, Transport.UDP, V4, 65536),
+        Create(1, Transport.UDP, V4, -1),
+        Create(1, Transport.UDP, V6, 0),
+        Create(1, Transport.UDP, V4, 53, Option.V6ONLY),
+        Create(1, Transport.TCP, V4, 53, ALL_OPTIONS),
+        Create(1, Transport.UDP, V4, 53, Option(8)),
+        Create(1, Transport.UDP, V6, 53, Option(0x8000)),
+        Create(1, Transport.UDP, V6, 53, Option(0x10000)),
+        Create(U32_MAX + 1, Transport.UDP, V4, 53),
+        Create(-1, Transport.UDP, V4, 53),
+        Ping(U32_MAX + 1),
+        Ping(-1),
+        # A PING has no fields to get wrong; a CREATE's types can still be broken at run time.
+        Create(1, None, V4, 53),  # type: ignore[arg-type]
+        Create(1, Transport.UDP, None, 53),  # type: ignore[arg-type]
+        Create(1, 1, V4, 53),  # type: ignore[arg-type]
+        Create(1, Transport.UDP, "127.0.0.1", 53),  # type: ignore[arg-type]
     ],
     ids=repr,
 )
@@ -540,8 +540,8 @@ def test_encode_request_refuses(req: Request) -> None:
 
 
 def test_encode_request_accepts_the_edges() -> None:
-    assert decode_request(encode_request(create(U32_MAX, Transport.UDP, V4, 65535))).port == 65535
-    assert decode_request(encode_request(create(0, Transport.UDP, V4, 1))).request_id == 0
+    assert decode_request(encode_request(Create(U32_MAX, Transport.UDP, V4, 65535))).port == 65535
+    assert decode_request(encode_request(Create(0, Transport.UDP, V4, 1))).request_id == 0
 
 
 # ---------------------------------------------------------------------------
@@ -558,10 +558,10 @@ request_ids = st.integers(0, U32_MAX)
 def valid_requests(draw: st.DrawFn) -> Request:
     rid = draw(request_ids)
     if draw(st.booleans()):
-        return ping(rid)
+        return Ping(rid)
     address = draw(addresses)
     options = Option(draw(st.integers(0, 7 if address.version == 6 else 3)))
-    return create(rid, draw(st.sampled_from(Transport)), address, draw(st.integers(1, 65535)),
+    return Create(rid, draw(st.sampled_from(Transport)), address, draw(st.integers(1, 65535)),
                   options)  # fmt: skip
 
 
@@ -702,3 +702,20 @@ def test_every_status_code_detail_combination() -> None:
         else:
             with pytest.raises(ProtocolError):
                 decode_reply(wire)
+
+
+# ---------------------------------------------------------------------------
+# received_fds: the one SCM_RIGHTS parser both sides, the tests and the fuzzers use
+
+
+def test_received_fds_takes_every_scm_rights_message_in_order() -> None:
+    def rights(*fds: int) -> tuple[int, int, bytes]:
+        return socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes()
+
+    creds = (socket.SOL_SOCKET, socket.SCM_CREDENTIALS, bytes(12))
+    assert received_fds([]) == []
+    assert received_fds([rights(5), creds, rights(7, 9)]) == [5, 7, 9]
+    # A message cut short by MSG_CTRUNC may end in part of an int: that is no fd.
+    level, kind, data = rights(3, 4)
+    assert received_fds([(level, kind, data[:-1])]) == [3]
+    assert received_fds([creds]) == []

@@ -27,7 +27,7 @@ import json
 import time
 from typing import Any
 
-from privsock.helper.protocol import OPTION_NAMES, Option, Request
+from privsock.helper.protocol import OPTION_NAMES, Create, Option, Ping, Request
 
 FIELDS = (
     "time", "side", "pid", "id", "op", "transport", "address", "port", "options",
@@ -65,16 +65,17 @@ def record(
     errno: int | None = None,
     retry_ms: int | None = None,
 ) -> dict[str, Any]:
+    create = request if isinstance(request, Create) else None
     return {
         "time": rfc3339(now),
         "side": side,
         "pid": pid,
         "id": request_id,
-        "op": request.op.name if request else None,
-        "transport": request.transport.name.lower() if request and request.transport else None,
-        "address": str(request.address) if request and request.address else None,
-        "port": request.port if request and request.port else None,
-        "options": option_names(request.options) if request else [],
+        "op": "CREATE" if create else "PING" if isinstance(request, Ping) else None,
+        "transport": create.transport.name.lower() if create else None,
+        "address": str(create.address) if create else None,
+        "port": create.port if create else None,
+        "options": option_names(create.options) if create else [],
         "decision": decision,
         "reason": reason,
         "rule": rule,

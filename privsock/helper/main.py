@@ -28,6 +28,7 @@ import socket
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 
 from privsock.helper import auditrecord, drop, protocol, seccomp_filter
 from privsock.helper.exitcodes import Exit
@@ -76,16 +77,17 @@ def _channel() -> socket.socket:
 def _warm_up(policy: Policy) -> None:
     """Run every lazy path of the loop once, so nothing is first touched
     (imported, cached, compiled) under the filter."""
-    req = protocol.create(1, protocol.Transport.TCP, ipaddress.IPv6Address("::1"), 53,
+    req = protocol.Create(1, protocol.Transport.TCP, ipaddress.IPv6Address("::1"), 53,
                           protocol.Option.V6ONLY)  # fmt: skip
     protocol.decode_request(protocol.encode_request(req))
+    protocol.decode_request(protocol.encode_request(protocol.Ping(1)))
     for bad in (b"", b"x" * 32):
         try:
             protocol.decode_request(bad)
         except protocol.ProtocolError as exc:
             str(exc)
-    decide(policy, req.transport or protocol.Transport.TCP, ipaddress.IPv4Address("127.0.0.1"),
-           53, protocol.Option(0))  # fmt: skip
+    decide(policy, protocol.Create(1, protocol.Transport.TCP, ipaddress.IPv4Address("127.0.0.1"),
+                                   53))  # fmt: skip
     for reply in (protocol.ok(1), protocol.denied(1, protocol.Reason.PORT),
                   protocol.rate_limited(1, 5), protocol.os_error(1, 98, protocol.Stage.BIND)):
         protocol.encode_reply(reply)  # fmt: skip
@@ -94,7 +96,27 @@ def _warm_up(policy: Policy) -> None:
     time.monotonic()
 
 
-def harden(policy_path: str, expected_parent: int) -> tuple[socket.socket, Policy, int]:
+@dataclass(frozen=True, slots=True)
+class Hardened:
+    """What start-up hands the serving loop."""
+
+    chan: socket.socket  # fd 0, the channel to the boss
+    policy: Policy
+    pid: int  # our own pid, read before the filter (audit lines carry it)
+
+
+@dataclass(frozen=True, slots=True)
+class _Locked:
+    """Steps 2-6 done: the policy, and what step 8 checks against."""
+
+    policy: Policy
+    pid: int
+    uid: int  # the ids we now run as
+    gid: int
+    filters: int  # seccomp filters already stacked on us (a runtime's, say)
+
+
+def harden(policy_path: str, expected_parent: int) -> Hardened:
     """Steps 1-8. Returns the channel, the policy and our pid, or raises _Refuse."""
     try:
         root_start = drop.check_privilege()
@@ -102,7 +124,7 @@ def harden(policy_path: str, expected_parent: int) -> tuple[socket.socket, Polic
     except drop.HardeningError as exc:
         raise _Refuse(exc.exit_code, str(exc)) from None
     try:
-        policy, pid, uid, gid, filters = _drop_and_lock(policy_path, expected_parent, root_start)
+        locked = _drop_and_lock(policy_path, expected_parent, root_start)
         try:
             seccomp_filter.load()
         except OSError as exc:
@@ -111,7 +133,8 @@ def harden(policy_path: str, expected_parent: int) -> tuple[socket.socket, Polic
         status = os.read(seccomp_filter.STATUS_FD, 8192).decode("ascii", "replace")
         os.close(seccomp_filter.STATUS_FD)
         # Seccomp=2 alone could be a container runtime's filter: ours must be one more.
-        problems = verdict(parse_status(status), uid=uid, gid=gid, seccomp_filters=filters + 1)
+        problems = verdict(parse_status(status), uid=locked.uid, gid=locked.gid,
+                           seccomp_filters=locked.filters + 1)  # fmt: skip
         if problems:
             raise _Refuse(Exit.OSERR, "not hardened as promised, refusing to serve: "
                           + "; ".join(problems))  # fmt: skip
@@ -120,14 +143,11 @@ def harden(policy_path: str, expected_parent: int) -> tuple[socket.socket, Polic
         # calls getsockname, which the filter kills. Let go of fd 0 by hand.
         chan.detach()
         raise
-    return chan, policy, pid
+    return Hardened(chan, locked.policy, locked.pid)
 
 
-def _drop_and_lock(
-    policy_path: str, expected_parent: int, root_start: bool
-) -> tuple[Policy, int, int, int, int]:
-    """Steps 2-6. Returns the policy, our pid, the uid/gid we now run as, and
-    how many seccomp filters were already stacked on us (a runtime's, say)."""
+def _drop_and_lock(policy_path: str, expected_parent: int, root_start: bool) -> _Locked:
+    """Steps 2-6."""
     try:
         try:
             policy = load_policy(policy_path)
@@ -156,7 +176,7 @@ def _drop_and_lock(
         raise _Refuse(exc.exit_code, str(exc)) from None
     except OSError as exc:
         raise _Refuse(Exit.OSERR, f"hardening failed: {exc}") from None
-    return policy, pid, uid, gid, filters
+    return _Locked(policy, pid, uid, gid, filters)
 
 
 def run(argv: list[str]) -> int:
@@ -168,10 +188,11 @@ def run(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         policy_path = parse_args(argv)
-        chan, policy, pid = harden(policy_path, expected_parent)
+        hardened = harden(policy_path, expected_parent)
     except _Refuse as exc:
         _say(str(exc))
         return exc.code
+    chan, policy, pid = hardened.chan, hardened.policy, hardened.pid
     _say(f"hardened, serving (pid {pid}, policy {policy_path})")
     try:
         Session(chan, policy, pid, log=lambda line: os.write(2, line)).serve()

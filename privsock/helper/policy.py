@@ -33,7 +33,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
-from privsock.helper.protocol import Option, Reason, Transport
+from privsock.helper.protocol import Create, Option, Reason, Transport
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -85,10 +85,10 @@ class Decision:
 _PROGRESS = (Reason.PORT, Reason.TRANSPORT, Reason.ADDRESS, Reason.OPTION)
 
 
-def decide(
-    policy: Policy, transport: Transport, address: IPAddress, port: int, options: Option
-) -> Decision:
+def decide(policy: Policy, create: Create) -> Decision:
     """Judge one CREATE request; the rules are in the module docstring."""
+    transport, port, options = create.transport, create.port, create.options
+    address = create.address
     judged = _judged_as(address, options)
     for rule in policy.deny:
         if any(_deny_matches(rule, transport, a, port) for a in judged):

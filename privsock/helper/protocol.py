@@ -33,8 +33,10 @@ Reply (16 bytes)::
 
 from __future__ import annotations
 
+import array
 import enum
 import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -125,22 +127,33 @@ class ProtocolError(ValueError):
 
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_ADDRESS_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
 
 
 @dataclass(frozen=True, slots=True)
-class Request:
-    op: Op
+class Create:
+    """CREATE: a socket of ``transport`` bound to (address, port), with ``options``."""
+
     request_id: int
-    transport: Transport | None = None
-    address: IPAddress | None = None
-    port: int = 0
+    transport: Transport
+    address: IPAddress
+    port: int
     options: Option = NO_OPTIONS
 
     @property
-    def family(self) -> Family | None:
-        if self.address is None:
-            return None
+    def family(self) -> Family:
         return Family.IPV4 if self.address.version == 4 else Family.IPV6
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """PING: answered OK once the helper serves; carries nothing else."""
+
+    request_id: int
+
+
+# The two requests there are; code that handles one names it with isinstance.
+Request = Create | Ping
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,27 +172,14 @@ class Reply:
         return Reason(self.code) if self.status is Status.DENIED else None
 
 
-def ping(request_id: int) -> Request:
-    return Request(Op.PING, request_id)
-
-
-def create(
-    request_id: int,
-    transport: Transport,
-    address: IPAddress,
-    port: int,
-    options: Option = NO_OPTIONS,
-) -> Request:
-    return Request(Op.CREATE, request_id, transport, address, port, options)
-
-
 def _check_u32(name: str, value: int) -> None:
     if not 0 <= value <= 0xFFFFFFFF:
         raise ProtocolError(f"{name} {value} does not fit in 32 bits")
 
 
-def _check_create_fields(req: Request) -> None:
-    if req.transport is None or req.address is None:
+def _check_create_fields(req: Create) -> None:
+    # The types say so, but a caller's bug must fail here, not in struct.pack.
+    if not isinstance(req.transport, Transport) or not isinstance(req.address, _ADDRESS_TYPES):
         raise ProtocolError("CREATE needs a transport and an address", req.request_id)
     if not 1 <= req.port <= 0xFFFF:
         raise ProtocolError(f"port {req.port} is outside 1-65535", req.request_id)
@@ -196,14 +196,11 @@ def encode_request(req: Request) -> bytes:
     """32 bytes for ``req``. Refuses to encode anything decode_request would reject,
     so a caller's bug fails here instead of on the wire."""
     _check_u32("request id", req.request_id)
-    if req.op is Op.PING:
-        if req.transport is not None or req.address is not None or req.port or req.options:
-            raise ProtocolError("PING carries no fields", req.request_id)
+    if isinstance(req, Ping):
         return _REQUEST.pack(MAGIC, VERSION, Op.PING, req.request_id, 0, 0, 0, _ZERO16, 0, 0)
-    if req.op is not Op.CREATE:
-        raise ProtocolError(f"unknown op {req.op!r}", req.request_id)
+    if not isinstance(req, Create):
+        raise ProtocolError(f"not a request: {req!r}", req.request_id)
     _check_create_fields(req)
-    assert req.transport is not None and req.address is not None
     packed = req.address.packed
     if req.address.version == 4:
         family, raw = Family.IPV4, packed + _ZERO12
@@ -235,7 +232,7 @@ def decode_request(data: bytes) -> Request:
     if op == Op.PING:
         if any(data[8:]):
             raise ProtocolError("PING must have bytes 8-31 zero", rid)
-        return Request(Op.PING, rid)
+        return Ping(rid)
     if op != Op.CREATE:
         raise ProtocolError(f"unknown op {op}", rid)
     if reserved:
@@ -252,7 +249,7 @@ def decode_request(data: bytes) -> Request:
     else:
         raise ProtocolError(f"unknown family {family}", rid)
     flags = _OPTIONS[options] if options < len(_OPTIONS) else Option(options)
-    req = Request(Op.CREATE, rid, kind, address, port, flags)
+    req = Create(rid, kind, address, port, flags)
     _check_create_fields(req)
     return req
 
@@ -298,7 +295,17 @@ def decode_reply(data: bytes) -> Reply:
 
 def reply_carries_fd(reply: Reply, request: Request | None) -> bool:
     """True exactly when this reply must carry one fd: OK to a CREATE."""
-    return reply.status is Status.OK and request is not None and request.op is Op.CREATE
+    return reply.status is Status.OK and isinstance(request, Create)
+
+
+def received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """Every fd in the SCM_RIGHTS messages of a recvmsg's ancillary data, in order.
+    A trailing partial int (a truncated message) is not an fd and is left out."""
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return fds.tolist()
 
 
 # Replies the helper builds; small constructors keep the field rules in one place.

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from privsock.helper import auditrecord, protocol
 from privsock.helper.policy import Policy, decide
-from privsock.helper.protocol import Option, Reply, Request, Stage, Status, Transport
+from privsock.helper.protocol import Create, Option, Ping, Reply, Request, Stage, Status, Transport
 from privsock.helper.ratelimit import TokenBucket
 from privsock.helper.seccomp_filter import SIOCOUTQ
 
@@ -56,23 +56,17 @@ def unread_replies(chan: socket.socket) -> bool:
 
 def close_passed_fds(ancdata: list[tuple[int, int, bytes]]) -> int:
     """Close every fd a boss pushed at us; returns how many."""
-    count = 0
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds = array.array("i")
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-            for fd in fds:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass  # not ours after all; nothing to release
-                count += 1
-    return count
+    fds = protocol.received_fds(ancdata)
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # not ours after all; nothing to release
+    return len(fds)
 
 
-def make_socket(req: Request) -> tuple[socket.socket | None, Reply]:
+def make_socket(req: Create) -> tuple[socket.socket | None, Reply]:
     """Create, set options on and bind the requested socket (not listening)."""
-    assert req.transport is not None and req.address is not None
     family = socket.AF_INET if req.address.version == 4 else socket.AF_INET6
     kind = socket.SOCK_DGRAM if req.transport is Transport.UDP else socket.SOCK_STREAM
     try:
@@ -140,7 +134,7 @@ class Session:
         except protocol.ProtocolError as exc:
             self._audit(exc.request_id, None, "malformed", reason=str(exc))
             return protocol.malformed(exc.request_id), None
-        if req.op is protocol.Op.PING:
+        if isinstance(req, Ping):
             self._audit(rid, req, "pong")
             return protocol.ok(rid), None
         # One socket in flight per boss: fds in flight count against the user all
@@ -153,8 +147,7 @@ class Session:
         if wait_ms:
             self._audit(rid, req, "rate_limited", retry_ms=wait_ms)
             return protocol.rate_limited(rid, wait_ms), None
-        assert req.transport is not None and req.address is not None
-        verdict = decide(self.policy, req.transport, req.address, req.port, req.options)
+        verdict = decide(self.policy, req)
         if not verdict.allowed:
             assert verdict.reason is not None
             self._audit(rid, req, "denied", reason=verdict.reason.name.lower(), rule=verdict.rule)

@@ -191,7 +191,7 @@ def cmd_listen(args: argparse.Namespace, out: dict[str, Any]) -> None:
 
 
 def _request(rid: int, transport: Transport, port: int) -> bytes:
-    req = protocol.create(rid, transport, ipaddress.ip_address("127.0.0.1"), port)
+    req = protocol.Create(rid, transport, ipaddress.ip_address("127.0.0.1"), port)
     data: bytes = protocol.encode_request(req)
     return data
 

@@ -39,7 +39,7 @@ while True:
         break
     req = protocol.decode_request(data)
     rid = req.request_id
-    if req.op is protocol.Op.PING:
+    if isinstance(req, protocol.Ping):
         send(reply(protocol.Status.OK, rid))
         continue
     if MODE == "wrong_id":
