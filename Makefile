@@ -6,13 +6,19 @@ PY     := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 POLICY ?= policy/default.toml
 
-.PHONY: run test test-fast test-containers lint audit audit-fast bench fuzz bootstrap bootstrap-containers clean
+.PHONY: run deb test test-fast test-containers lint audit audit-fast bench fuzz bootstrap bootstrap-dev bootstrap-containers clean
 
+## The runtime only: privsock and its two dependencies (what `make run` needs).
 bootstrap:
 	@scripts/bootstrap
 
+## And the test, lint and fuzz tools.
+bootstrap-dev:
+	@scripts/bootstrap --dev
+
+## And podman, lintian and mmdebstrap: everything `make test` runs.
 bootstrap-containers:
-	@scripts/bootstrap --containers
+	@scripts/bootstrap --containers --deb
 
 ## The main job: serve the bundled echo service on 127.0.0.1:53 (udp+tcp) as
 ## the unprivileged user, with sockets from the hardened helper. Ctrl-C stops it.
@@ -21,18 +27,22 @@ run: bootstrap
 	    --listen udp:127.0.0.1:53 --listen tcp:127.0.0.1:53 \
 	    -- $(PY) -I -m privsock.examples.echo
 
+## The Debian package: dist/privsock_<version>_all.deb (dpkg-deb only; see deploy/debian/).
+deb:
+	deploy/debian/build
+
 ## The whole suite: lint, type check, unit, end-to-end and container tests.
 test: bootstrap-containers lint
 	$(PYTEST) -q
 
 ## Everything but the container tests.
-test-fast: bootstrap lint
+test-fast: bootstrap-dev lint
 	$(PYTEST) -q -m 'not containers'
 
 test-containers: bootstrap-containers
 	$(PYTEST) -q -m containers
 
-lint: bootstrap
+lint: bootstrap-dev
 	$(VENV)/bin/ruff check privsock tests fuzz bench threat-model
 	$(VENV)/bin/mypy --strict -p privsock
 
@@ -50,8 +60,8 @@ bench:
 	$(PY) bench/run.py
 
 ## Coverage-guided fuzzing and the live-helper fuzzer (FUZZ_SECONDS per target).
-fuzz: bootstrap
+fuzz: bootstrap-dev
 	$(PY) fuzz/run.py --seconds $${FUZZ_SECONDS:-300}
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) dist .pytest_cache .mypy_cache .ruff_cache .hypothesis

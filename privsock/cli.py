@@ -1,8 +1,8 @@
 """The `privsock` command: the boss side for humans and supervisors.
 
-    privsock check-policy FILE   the helper's verdict on a policy, and what it grants
+    privsock check-policy [FILE] the helper's verdict on a policy, and what it grants
     privsock inspect PID         is that process hardened as privsock promises?
-    privsock exec --policy FILE --user USER --listen tcp:0.0.0.0:80 ... -- CMD ARGS
+    privsock exec [--policy FILE] --user USER --listen tcp:0.0.0.0:80 ... -- CMD ARGS
                                  bind through the helper, drop to USER with no
                                  privilege, exec CMD with the sockets (LISTEN_FDS)
 
@@ -13,20 +13,33 @@ sysexits code; never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from privsock import auditsink, dropall, execcmd
+from privsock import __version__, auditsink, dropall, execcmd
 from privsock.client import shutdown_on_signals
 from privsock.helper.exitcodes import Exit
 from privsock.helper.policy_file import PolicyFileError, load_policy
 from privsock.helper.procstatus import StatusFormatError, parse_status, report, verdict
 from privsock.policyview import describe
 
+# Where the Debian package installs the policy (a conffile).
+DEFAULT_POLICY = "/etc/privsock/policy.toml"
+
 
 class UsageError(Exception):
     pass
+
+
+def _missing_policy(path: str) -> str | None:
+    """One line when the default policy is not there (privsock is not
+    installed as a package): say what to do, before any helper is started."""
+    if path != DEFAULT_POLICY or os.path.lexists(path):
+        return None
+    return (f"no policy at {path} (the default): install the privsock package "
+            "or give --policy FILE")  # fmt: skip
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,6 +83,10 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if len(set(listens)) != len(listens):
         raise UsageError("exec: the same --listen is given twice")
     names = args.name or [listen.default_name for listen in listens]
+    missing = _missing_policy(args.policy)
+    if missing is not None:
+        print(f"privsock: exec: {missing}", file=sys.stderr)
+        return Exit.NOINPUT
     try:
         target = dropall.resolve(args.user, args.group)
         execcmd.find_command(args.command)
@@ -100,6 +117,10 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_check_policy(args: argparse.Namespace) -> int:
+    missing = _missing_policy(args.file)
+    if missing is not None:
+        print(f"privsock: REFUSED: {missing}", file=sys.stderr)
+        return Exit.NOINPUT
     try:
         policy = load_policy(args.file)
     except PolicyFileError as exc:
@@ -141,9 +162,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="privsock", description="privileged socket creator (boss side)")
+    parser.add_argument("--version", action="version", version=f"privsock {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("check-policy", help="check a policy file as the helper would")
-    p.add_argument("file")
+    p.add_argument("file", nargs="?", default=DEFAULT_POLICY,
+                   help=f"the policy file (default {DEFAULT_POLICY})")  # fmt: skip
     p.set_defaults(func=cmd_check_policy)
     p = sub.add_parser("inspect", help="check that a running process is hardened")
     p.add_argument("pid", type=_pid)
@@ -154,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
         "stop the helper, drop to USER with no capabilities and no_new_privs, and exec CMD "
         "with the sockets at fd 3 onwards (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES).",
     )  # fmt: skip
-    p.add_argument("--policy", required=True, metavar="FILE", help="the helper's policy file")
+    p.add_argument("--policy", default=DEFAULT_POLICY, metavar="FILE",
+                   help=f"the helper's policy file (default {DEFAULT_POLICY})")  # fmt: skip
     p.add_argument("--user", required=True, help="run CMD as this user (name or uid)")
     p.add_argument("--group", help="and this group (default: USER's primary group)")
     p.add_argument("--listen", action="append", required=True, type=_listen, metavar="SPEC",

@@ -80,7 +80,7 @@ def test_inspect_says_this_process_is_not_hardened() -> None:
         (["inspect", "999999999"], Exit.NOINPUT, "no process 999999999"),
         ([], Exit.USAGE, "required: command"),
         (["frobnicate"], Exit.USAGE, "invalid choice"),
-        (["check-policy"], Exit.USAGE, "required: file"),
+        (["check-policy", "a.toml", "b.toml"], Exit.USAGE, "unrecognized arguments"),
     ],
 )
 def test_bad_arguments_get_one_line_and_a_usage(args: list[str], code: int, message: str) -> None:

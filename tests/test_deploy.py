@@ -31,7 +31,7 @@ from .nonroot import NON_ROOT_START, readable_policy
 UNITS = REPO / "deploy" / "systemd"
 SOCKET_UNIT = UNITS / "privsock-helper.socket"
 SERVICE_UNIT = UNITS / "privsock-helper@.service"
-INSTALLED_PYTHON = "/opt/privsock/bin/python"  # where the units expect the venv
+INSTALLED_PYTHON = "/usr/bin/python3"  # Debian's, as the package installs it
 SOCKET_PATH = "/run/privsock/helper.sock"
 
 

@@ -1,0 +1,149 @@
+"""deploy/debian/build: the package holds what a Debian install needs, built
+the same way twice, and lintian finds nothing. The install itself is
+tests/containers/test_deb_install.py."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import privsock
+
+from .conftest import REPO
+
+BUILD = REPO / "deploy" / "debian" / "build"
+VENDOR = REPO / "deploy" / "debian" / "vendor"
+VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+# pyseccomp 0.1.2's wheel RECORD: the vendored file is exactly that release.
+PYSECCOMP_SHA256 = "4V2tZ02TWqc6VyaL7vJnkS9c1KfiECFHkAiVcr_wJck"
+
+
+def _build(out: Path) -> Path:
+    done = subprocess.run([str(BUILD), str(out)], capture_output=True, text=True, timeout=120,
+                          check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    deb = Path(done.stdout.strip())
+    assert deb == out / f"privsock_{VERSION}_all.deb"
+    return deb
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build(tmp_path_factory.mktemp("deb"))
+
+
+def _contents(deb: Path) -> dict[str, tuple[str, str]]:
+    """path -> (mode, owner) of every entry."""
+    listing = subprocess.run(["dpkg-deb", "--contents", str(deb)], capture_output=True,
+                             text=True, check=True).stdout  # fmt: skip
+    entries = {}
+    for line in listing.splitlines():
+        mode, owner, _size, _date, _time, path = line.split(None, 5)
+        entries[path.removeprefix(".").rstrip("/") or "/"] = (mode, owner)
+    return entries
+
+
+def _field(deb: Path, name: str) -> str:
+    return subprocess.run(["dpkg-deb", "--field", str(deb), name], capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+
+
+def _extract(deb: Path, into: Path) -> Path:
+    subprocess.run(["dpkg-deb", "--extract", str(deb), str(into)], check=True)
+    return into
+
+
+def test_versions_agree() -> None:
+    changelog = (REPO / "deploy/debian/changelog").read_text().splitlines()[0]
+    assert changelog.startswith(f"privsock ({VERSION}) ")
+    assert privsock.__version__ == VERSION
+
+
+def test_control_fields(deb: Path) -> None:
+    assert _field(deb, "Package") == "privsock"
+    assert _field(deb, "Version") == VERSION
+    assert _field(deb, "Architecture") == "all"
+    depends = [re.sub(r"\s*\(.*\)", "", d.strip()) for d in _field(deb, "Depends").split(",")]
+    # Debian's python3 and python3-prctl; nothing compiled of our own.
+    assert {"python3", "python3-prctl", "libseccomp2", "passwd"} == set(depends)
+
+
+def test_what_is_installed_where(deb: Path) -> None:
+    entries = _contents(deb)
+    site = "/usr/lib/python3/dist-packages"
+    tree = {f"{site}/{p.relative_to(REPO)}" for p in (REPO / "privsock").rglob("*.py")
+            if "__pycache__" not in p.parts}  # fmt: skip
+    shipped = {p for p in entries if p.startswith(f"{site}/privsock/") and p.endswith(".py")}
+    assert shipped == tree
+    assert not [p for p in entries if "__pycache__" in p or p.endswith(".pyc")]
+    expect = {
+        "/usr/bin/privsock": "-rwxr-xr-x",
+        "/usr/sbin/privsock-helper": "-rwxr-xr-x",
+        f"{site}/pyseccomp.py": "-rw-r--r--",
+        "/etc/privsock/policy.toml": "-rw-r--r--",
+        "/lib/systemd/system/privsock-helper.socket": "-rw-r--r--",
+        "/lib/systemd/system/privsock-helper@.service": "-rw-r--r--",
+        "/usr/share/doc/privsock/SECURITY.md": "-rw-r--r--",
+        "/usr/share/doc/privsock/policy/README.md": "-rw-r--r--",
+        "/usr/share/doc/privsock/copyright": "-rw-r--r--",
+        "/usr/share/doc/privsock/changelog.gz": "-rw-r--r--",
+        "/usr/share/man/man1/privsock.1.gz": "-rw-r--r--",
+        "/usr/share/man/man8/privsock-helper.8.gz": "-rw-r--r--",
+    }
+    for path, mode in expect.items():
+        assert path in entries, f"{path} is not in the package"
+        assert entries[path] == (mode, "root/root"), f"{path}: {entries[path]}"
+    assert all(owner == "root/root" for _, owner in entries.values())
+
+
+def test_installed_files_are_the_trees(deb: Path, tmp_path: Path) -> None:
+    root = _extract(deb, tmp_path / "root")
+    assert (root / "etc/privsock/policy.toml").read_bytes() == (
+        REPO / "policy/default.toml").read_bytes()  # fmt: skip
+    for unit in ("privsock-helper.socket", "privsock-helper@.service"):
+        assert (root / "lib/systemd/system" / unit).read_bytes() == (
+            REPO / "deploy/systemd" / unit).read_bytes()  # fmt: skip
+    service = (root / "lib/systemd/system/privsock-helper@.service").read_text()
+    assert "ExecStart=/usr/bin/python3 -I -m privsock.helper.main --policy " \
+           "/etc/privsock/policy.toml" in service
+    for cmd, module in (("usr/bin/privsock", "privsock.cli"),
+                        ("usr/sbin/privsock-helper", "privsock.helper.main")):  # fmt: skip
+        text = (root / cmd).read_text()
+        assert text.splitlines()[0] == "#!/usr/bin/python3 -I"
+        assert f"from {module} import main" in text
+    conffiles = subprocess.run(["dpkg-deb", "--info", str(deb), "conffiles"],
+                               capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert conffiles.split() == ["/etc/privsock/policy.toml"]
+
+
+def test_vendored_pyseccomp_is_the_pinned_release() -> None:
+    data = (VENDOR / "pyseccomp.py").read_bytes()
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    assert digest == PYSECCOMP_SHA256
+    pin = [d for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "dependencies"] if d.startswith("pyseccomp")]  # fmt: skip
+    assert pin == ["pyseccomp==0.1.2"], "a new pyseccomp pin needs a new vendored copy"
+    assert "MIT License" in (VENDOR / "pyseccomp.LICENSE").read_text()
+    copyright_ = (REPO / "deploy/debian/copyright").read_text()
+    assert "Files: usr/lib/python3/dist-packages/pyseccomp.py" in copyright_
+
+
+def test_the_build_is_reproducible(deb: Path, tmp_path: Path) -> None:
+    again = _build(tmp_path)
+    assert again.read_bytes() == deb.read_bytes()
+
+
+def test_lintian_is_clean(deb: Path) -> None:
+    if shutil.which("lintian") is None:
+        pytest.fail("lintian is missing: `scripts/bootstrap --deb` installs it")
+    done = subprocess.run(["lintian", "--info", "--pedantic", str(deb)], capture_output=True,
+                          text=True, timeout=300, check=False)  # fmt: skip
+    tags = [line for line in done.stdout.splitlines() if re.match(r"^[EWIPX]: ", line)]
+    assert tags == [], "\n".join(tags)
