@@ -28,6 +28,7 @@ _LAZY = {
     "HelperStartError": "privsock.errors",
     "HelperRestartLimit": "privsock.errors",
     "HelperCannotRestart": "privsock.errors",
+    "InvalidArgument": "privsock.errors",
     "ProtocolViolation": "privsock.errors",
 }
 
@@ -39,6 +40,7 @@ __all__ = [
     "HelperDied",
     "HelperRestartLimit",
     "HelperStartError",
+    "InvalidArgument",
     "MalformedRequest",
     "PairError",
     "PolicyDenied",
@@ -76,6 +78,9 @@ if TYPE_CHECKING:
     )
     from privsock.errors import (
         HelperStartError as HelperStartError,
+    )
+    from privsock.errors import (
+        InvalidArgument as InvalidArgument,
     )
     from privsock.errors import (
         MalformedRequest as MalformedRequest,

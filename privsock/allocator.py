@@ -27,8 +27,9 @@ import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-from privsock.client import SocketCreator, describe, parse_address, parse_transport
-from privsock.errors import CreatorError
+from privsock import arguments
+from privsock.client import SocketCreator, describe
+from privsock.errors import CreatorError, InvalidArgument
 from privsock.helper import protocol
 from privsock.helper.protocol import Option, Transport
 
@@ -81,17 +82,25 @@ def _key(
     reuseport: bool,
     v6only: bool,
 ) -> Key:
-    tr, addr = parse_transport(transport), parse_address(address)
-    options = Option(0)
-    if reuseaddr:
-        options |= Option.REUSEADDR
-    if reuseport:
-        options |= Option.REUSEPORT
-    if v6only:
-        options |= Option.V6ONLY
-    # Refuse here what the helper would call malformed, before the cache is touched.
-    protocol.encode_request(protocol.Create(1, tr, addr, port, options))
+    # InvalidArgument for what the helper would call malformed, before the cache is touched.
+    tr, addr, port, options = arguments.create_fields(
+        transport, address, port, reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only
+    )
     return tr, addr.version, addr, port, options
+
+
+def _share(value: Share | str) -> Share:
+    try:
+        return Share(value)
+    except ValueError:
+        pass
+    raise InvalidArgument(f"share must be Share.NO, Share.SAMEAPP or Share.ANY, not {value!r}")
+
+
+def _app(value: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"app must be a str, not {value!r} ({type(value).__name__})")
+    return value
 
 
 def _what(key: Key) -> str:
@@ -99,6 +108,21 @@ def _what(key: Key) -> str:
 
 
 class SocketAllocator:
+    """A cache of bound sockets in front of one SocketCreator: each key
+    (transport, family, address, port, options) is bound once by the helper,
+    and every get hands out a dup owned by one holder.
+
+    ``get_bound_socket`` and ``get_bound_pair`` (UDP and TCP, both or
+    neither) take a share mode (``Share.NO``, ``Share.SAMEAPP``,
+    ``Share.ANY``), an application name and a holder; a request the current
+    holders' modes refuse raises ShareError and changes nothing.
+    ``release_bound_socket``, ``release_holder`` and ``release_app`` give
+    references back; the last one of a key closes the cached socket, and
+    ``close()`` (or leaving a ``with`` block) closes everything. Wrong
+    arguments raise InvalidArgument; the helper's refusals raise the
+    CreatorError subclasses of SocketCreator.create. Thread-safe; it never
+    closes the creator."""
+
     def __init__(self, creator: SocketCreator) -> None:
         self.creator = creator
         self._entries: dict[Key, _Entry] = {}
@@ -127,7 +151,7 @@ class SocketAllocator:
         helper. ``holder`` (default: ``app``) names who holds the reference,
         for release_holder. Release it with release_bound_socket."""
         key = _key(transport, address, port, reuseaddr, reuseport, v6only)
-        ref = _Ref(app if holder is None else holder, app, Share(share))
+        ref = _Ref(app if holder is None else holder, _app(app), _share(share))
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
@@ -160,7 +184,8 @@ class SocketAllocator:
         """UDP and TCP on the same address and port, both or neither: if the TCP
         half fails, the UDP half is released and PairError names both."""
         opts = {"reuseaddr": reuseaddr, "reuseport": reuseport, "v6only": v6only}
-        udp_key = _key("udp", address, port, **opts)  # ValueError: a caller's bug
+        udp_key = _key("udp", address, port, **opts)  # InvalidArgument: a caller's bug
+        _share(share), _app(app)
         pair = f"{_what(udp_key)} + {_what((Transport.TCP, *udp_key[1:]))}"
         with self._lock:
             try:

@@ -1,4 +1,5 @@
-"""Where the boss writes audit lines: stderr, a file, or syslog.
+"""Where the boss writes audit lines: the logger ``privsock.audit`` (the
+library's default), stderr, a file, or syslog.
 
 The line format is privsock.helper.auditrecord (docs/audit-log.md documents it for auditors).
 A sink is a callable taking one record; ``open_sink("stderr" | "file:PATH" |
@@ -9,6 +10,7 @@ line is written and flushed as it comes, so a crash loses none already logged.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
 import syslog
@@ -18,6 +20,7 @@ from typing import Any, TextIO
 from privsock.helper import auditrecord
 
 SPEC_HELP = "stderr, file:PATH or syslog"
+AUDIT_LOGGER = "privsock.audit"
 
 # Grants and pongs are routine; everything else is worth a look.
 _ROUTINE = frozenset({"granted", "pong"})
@@ -25,6 +28,27 @@ _ROUTINE = frozenset({"granted", "pong"})
 
 class AuditLogError(ValueError):
     """A bad --audit-log value, or a log file that cannot be opened."""
+
+
+class LoggingSink:
+    """Each record as one message of a ``logging`` logger (``privsock.audit``
+    by default): the JSON line without its newline, with the record itself as
+    the log record's ``audit`` attribute. Grants and pongs at INFO, the rest at
+    WARNING. SocketCreator's default: the application's logging configuration
+    decides where the lines go (with none, Python prints WARNING and above on
+    stderr, so denials show and grants do not)."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.logger = logger or logging.getLogger(AUDIT_LOGGER)
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        level = logging.INFO if rec.get("decision") in _ROUTINE else logging.WARNING
+        if self.logger.isEnabledFor(level):
+            line = auditrecord.encode(rec).decode("ascii").rstrip("\n")
+            self.logger.log(level, "%s", line, extra={"audit": rec})
+
+    def close(self) -> None:
+        pass  # the logging configuration is the application's
 
 
 class StreamSink:
@@ -88,7 +112,7 @@ class SyslogSink:
         syslog.closelog()
 
 
-Sink = StreamSink | FileSink | SyslogSink
+Sink = LoggingSink | StreamSink | FileSink | SyslogSink
 
 
 def open_sink(spec: str) -> Sink:

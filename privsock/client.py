@@ -22,7 +22,6 @@ from __future__ import annotations
 import array
 import atexit
 import collections
-import ipaddress
 import os
 import signal
 import socket
@@ -34,7 +33,8 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
-from privsock import spawner
+from privsock import arguments, spawner
+from privsock.auditsink import LoggingSink
 from privsock.errors import (
     CreatorError,
     CreatorOSError,
@@ -42,15 +42,18 @@ from privsock.errors import (
     HelperDied,
     HelperRestartLimit,
     HelperStartError,
+    InvalidArgument,
     MalformedRequest,
     PolicyDenied,
     ProtocolViolation,
     RateLimited,
 )
 from privsock.helper import auditrecord, protocol
-from privsock.helper.protocol import Option, Reply, Request, Stage, Status, Transport
+from privsock.helper.protocol import Reply, Request, Stage, Status, Transport
 
 AuditSink = Callable[[dict[str, Any]], None]
+# Audit lines go to the logger privsock.audit unless the caller gives a sink.
+DEFAULT_SINK = LoggingSink()
 
 HELPER_MODULE = "privsock.helper.main"
 # What the helper may see of our environment: nothing of ours, and -I makes
@@ -104,28 +107,6 @@ def default_helper_argv() -> list[str]:
     return [sys.executable, "-I", "-m", HELPER_MODULE]
 
 
-def _stderr_sink(rec: dict[str, Any]) -> None:
-    sys.stderr.write(auditrecord.encode(rec).decode("ascii"))
-
-
-def parse_transport(value: str | Transport) -> Transport:
-    if isinstance(value, Transport):
-        return value
-    try:
-        return Transport[value.upper()]
-    except KeyError:
-        raise ValueError(f"transport must be 'udp' or 'tcp', not {value!r}") from None
-
-
-def parse_address(value: str | protocol.IPAddress) -> protocol.IPAddress:
-    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
-        return value
-    try:
-        return ipaddress.ip_address(value.strip("[]"))
-    except ValueError:
-        raise ValueError(f"{value!r} is not a numeric IPv4 or IPv6 address") from None
-
-
 def describe(transport: Transport, address: protocol.IPAddress, port: int) -> str:
     host = f"[{address}]" if address.version == 6 else str(address)
     return f"{transport.name.lower()}:{host}:{port}"
@@ -143,14 +124,17 @@ class SocketCreator:
         *,
         connect: str | None = None,
         helper_argv: Sequence[str] | None = None,
-        audit_sink: AuditSink | None = _stderr_sink,
+        audit_sink: AuditSink | None = DEFAULT_SINK,
         start_timeout: float = 10.0,
         reply_timeout: float = 5.0,
         max_restarts: int = 5,
         restart_window: float = 60.0,
     ) -> None:
         if (policy is None) == (connect is None):
-            raise ValueError("give either a policy file (start a helper) or connect=PATH")
+            raise InvalidArgument("give either a policy file (start a helper) or connect=PATH")
+        for name, value in (("policy", policy), ("connect", connect)):
+            if value is not None and not isinstance(value, str | os.PathLike):
+                raise InvalidArgument(f"{name} must be a path, not {value!r}")
         self.policy = os.path.abspath(policy) if policy is not None else None
         self.connect_path = connect
         self.helper_argv = list(helper_argv or default_helper_argv())
@@ -315,15 +299,10 @@ class SocketCreator:
         v6only: bool = False,
     ) -> socket.socket:
         """A socket bound to (address, port), not listening, from the helper."""
-        tr, addr = parse_transport(transport), parse_address(address)
-        options = Option(0)
-        if reuseaddr:
-            options |= Option.REUSEADDR
-        if reuseport:
-            options |= Option.REUSEPORT
-        if v6only:
-            options |= Option.V6ONLY
-        # encode_request refuses what the helper would call malformed (port 0, ...).
+        # InvalidArgument for anything the helper would call malformed (port 0, ...).
+        tr, addr, port, options = arguments.create_fields(
+            transport, address, port, reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only
+        )
         req = protocol.Create(self._new_id(), tr, addr, port, options)
         protocol.encode_request(req)
         what = describe(tr, addr, port)

@@ -14,6 +14,11 @@ class CreatorError(Exception):
     """Base of every error privsock raises to its caller."""
 
 
+class InvalidArgument(CreatorError, ValueError):
+    """An argument of the caller has the wrong type or value (port "53",
+    port 0, an integer address, ...); nothing was sent to the helper."""
+
+
 class PolicyDenied(CreatorError):
     def __init__(self, reason: Reason, what: str = "") -> None:
         super().__init__(f"{what + ': ' if what else ''}denied by policy ({reason.name.lower()})")

@@ -1,0 +1,86 @@
+"""The library's arguments, checked before anything is sent: each wrong type
+or value is one InvalidArgument (a CreatorError, and a ValueError) that names
+the argument, what it must be, and what it was.
+
+Anything that passes here encodes to a request the helper accepts as well
+formed, so a caller's mistake never reaches the helper (nor becomes a raw
+TypeError or AttributeError deep inside).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from privsock.errors import InvalidArgument
+from privsock.helper import protocol
+from privsock.helper.protocol import Option, Transport
+
+
+def _shown(value: object) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def parse_transport(value: str | Transport) -> Transport:
+    if isinstance(value, Transport):
+        return value
+    if isinstance(value, str) and value.lower() in ("udp", "tcp"):
+        return Transport[value.upper()]
+    raise InvalidArgument(f"transport must be 'udp' or 'tcp', not {_shown(value)}")
+
+
+def parse_address(value: str | protocol.IPAddress) -> protocol.IPAddress:
+    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return value
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_address(value.strip("[]"))
+        except ValueError:
+            pass
+        raise InvalidArgument(
+            f"address must be a numeric IPv4 or IPv6 address, not {value!r} "
+            "(privsock never resolves names)"
+        )
+    raise InvalidArgument(
+        "address must be a str such as '127.0.0.1' or '::1', or an ipaddress "
+        f"IPv4Address/IPv6Address, not {_shown(value)}"
+    )
+
+
+def parse_port(value: int) -> int:
+    # bool is an int to Python, and True would quietly mean port 1.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidArgument(f"port must be an int in 1-65535, not {_shown(value)}")
+    if not 1 <= value <= 0xFFFF:
+        raise InvalidArgument(f"port must be in 1-65535, not {value}")
+    return value
+
+
+def options(*, reuseaddr: bool, reuseport: bool, v6only: bool) -> Option:
+    result = Option(0)
+    for name, flag, value in (
+        ("reuseaddr", Option.REUSEADDR, reuseaddr),
+        ("reuseport", Option.REUSEPORT, reuseport),
+        ("v6only", Option.V6ONLY, v6only),
+    ):
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"{name} must be True or False, not {_shown(value)}")
+        if value:
+            result |= flag
+    return result
+
+
+def create_fields(
+    transport: str | Transport,
+    address: str | protocol.IPAddress,
+    port: int,
+    *,
+    reuseaddr: bool,
+    reuseport: bool,
+    v6only: bool,
+) -> tuple[Transport, protocol.IPAddress, int, Option]:
+    """Every field of a CREATE, checked as the helper will check it."""
+    tr, addr, number = parse_transport(transport), parse_address(address), parse_port(port)
+    opts = options(reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only)
+    if v6only and addr.version == 4:
+        raise InvalidArgument(f"v6only=True needs an IPv6 address, not {addr}")
+    return tr, addr, number, opts
