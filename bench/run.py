@@ -58,12 +58,12 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 BUILD = BENCH / "build"
 RESULTS = BENCH / "results"
-POLICY_SOURCE = BENCH / "policy.toml"
+POLICY_SOURCE = REPO / "policy" / "examples" / "bench.toml"
 
 USER = "privsock"  # the helper's user, and the one authbind lets bind
 # Each helper binds its own ports: a helper closes its copy of a sent socket only
 # after sendmsg, so another helper binding the same port at once could collide.
-# All are in bench/policy.toml's 900-929, which the tests do not use.
+# All are in policy/examples/bench.toml's 900-929, which the tests do not use.
 PORTS = range(900, 930)
 PORT = {
     "privsock": 900, "authbind": 901, "in_process": 902, "raw_helper": 903,

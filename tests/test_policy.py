@@ -456,7 +456,7 @@ def test_bench_example_limits() -> None:
     policy = parse_policy((POLICY_DIR / "examples" / "bench.toml").read_text())
     assert policy.rate_limit == RateLimit(100000.0, 100000)
     assert policy.allow[0].options == RA | RP | V6
-    assert policy.allow[0].ports == ((53, 53), (1000, 1023))
+    assert policy.allow[0].ports == ((900, 929),)
 
 
 # ---------------------------------------------------------------------------
