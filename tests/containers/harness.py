@@ -6,7 +6,9 @@ Host limits are detected and adapted to here, never in the product:
 * runc, not crun (crun refuses hosts with cgroups in hybrid mode), with the
   cgroupfs manager, which works for root with or without systemd;
 * explicit ``--ulimit nofile/nproc`` no higher than this process's hard limits:
-  podman's defaults need CAP_SYS_RESOURCE to apply, which a VM's root may lack;
+  podman's defaults need CAP_SYS_RESOURCE to apply, which a VM's root may lack
+  (through deploy/podman/run-privsock, the recipe's own options, given these
+  values in PRIVSOCK_NOFILE/PRIVSOCK_NPROC);
 * a root directory of our own (``--rootfs /`` fails on the cgroup mount): empty
   etc proc sys dev tmp run usr, the host's ``/bin``-style links into usr, copies
   of /etc/passwd and /etc/group (they hold the ``privsock`` user), the policies,
@@ -240,12 +242,12 @@ class Podman:
     })  # fmt: skip
     _names: itertools.count[int] = field(default_factory=itertools.count)
 
-    def common_options(self) -> list[str]:
+    def common_options(self, *, ulimits: bool = True) -> list[str]:
         mounts = ["--volume=/usr:/usr:ro", f"--volume={REPO}:{REPO}:ro"]
         mounts += [f"--volume=/{name}:/{name}:ro" for name in _host_layout()[1]]
         return [
             "--rm", "--pull=never", f"--label={LABEL}={self.session}",
-            *ulimit_options(), *mounts,
+            *(ulimit_options() if ulimits else []), *mounts,
         ]  # fmt: skip
 
     def command(
@@ -260,12 +262,16 @@ class Podman:
         ("root" or "user") runs it through deploy/podman/run-privsock, so the
         capability options are exactly the documented ones."""
         name = f"privsock-test-{self.session}-{next(self._names)}"
-        run = [f"--name={name}", *self.common_options(), *options,
+        # Through the recipe, its own --ulimit options are the ones in force
+        # (given this host's hard limits, as a user would give them).
+        run = [f"--name={name}", *self.common_options(ulimits=deploy is None), *options,
                "--rootfs", str(rootfs), *argv]  # fmt: skip
         env = dict(self.env)
         if deploy is None:
             return name, [*PODMAN, "run", *run], env
         env["PODMAN"] = " ".join(PODMAN)
+        nofile, nproc = (opt.rsplit(":", 1)[1] for opt in ulimit_options())
+        env |= {"PRIVSOCK_NOFILE": nofile, "PRIVSOCK_NPROC": nproc}
         return name, [str(DEPLOY), deploy, *run], env
 
     def run(

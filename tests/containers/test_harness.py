@@ -3,12 +3,14 @@ adapt ulimits to the host, and keep test networks off the host's interfaces."""
 
 from __future__ import annotations
 
+import os
 import resource
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from .harness import WANT_ULIMIT, NetnsPair, require_tools, ulimit_options
+from .harness import DEPLOY, WANT_ULIMIT, NetnsPair, Podman, require_tools, ulimit_options
 
 
 def _none(tool: str) -> None:
@@ -38,6 +40,40 @@ def test_present_tools_pass() -> None:
 def test_ulimits_never_exceed_the_hard_limit(hard: int, want: int) -> None:
     options = ulimit_options(getrlimit=lambda _: (min(hard, 256), hard))
     assert options == [f"--ulimit=nofile={want}:{want}", f"--ulimit=nproc={want}:{want}"]
+
+
+def _recipe(mode: str, **env: str) -> list[str]:
+    """The podman command line deploy/podman/run-privsock builds (podman replaced by echo)."""
+    done = subprocess.run([str(DEPLOY), mode, "--rootfs", "/x", "true"],
+                          env={"PATH": os.environ["PATH"], "PODMAN": "echo", **env},
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return done.stdout.split()
+
+
+@pytest.mark.parametrize("mode", ["root", "user"])
+def test_the_podman_recipe_sets_rlimits(mode: str) -> None:
+    # Without them podman fails with "error setting rlimit type 7/6" where root
+    # lacks CAP_SYS_RESOURCE: the recipe must carry them, not only the tests.
+    args = _recipe(mode)
+    assert args[0] == "run"
+    assert "--ulimit=nofile=1024:1024" in args and "--ulimit=nproc=1024:1024" in args
+    args = _recipe(mode, PRIVSOCK_NOFILE="512", PRIVSOCK_NPROC="256")
+    assert "--ulimit=nofile=512:512" in args and "--ulimit=nproc=256:256" in args
+    readme = " ".join((DEPLOY.parent / "README.md").read_text().split())
+    assert "--ulimit=nofile=1024:1024 --ulimit=nproc=1024:1024" in readme
+    assert "error setting rlimit type 7" in readme
+
+
+def test_the_harness_leaves_the_rlimits_to_the_recipe() -> None:
+    # A container run through the recipe gets the recipe's --ulimit options
+    # (with this host's limits), and none from the harness.
+    runner = Podman()
+    _, cmd, env = runner.command(Path("/x"), [], ["true"], deploy="root")
+    assert not [arg for arg in cmd if arg.startswith("--ulimit")]
+    want = [opt.rsplit(":", 1)[1] for opt in ulimit_options()]
+    assert [env["PRIVSOCK_NOFILE"], env["PRIVSOCK_NPROC"]] == want
+    _, plain, _ = runner.command(Path("/x"), [], ["true"])
+    assert [arg for arg in plain if arg.startswith("--ulimit")] == ulimit_options()
 
 
 def _host_network() -> tuple[list[str], list[tuple[str, str, str]]]:
