@@ -5,6 +5,10 @@
     privsock exec [--policy FILE] --user USER --listen tcp:0.0.0.0:80 ... -- CMD ARGS
                                  bind through the helper, drop to USER with no
                                  privilege, exec CMD with the sockets (LISTEN_FDS)
+    privsock run --policy FILE --user USER -- CMD ARGS
+    privsock run --connect PATH -- CMD ARGS
+                                 run CMD as USER with no privilege; its own bind()
+                                 calls to privileged ports are served by the helper
 
 Errors a user can cause print one line (`privsock: ...`) and exit with a
 sysexits code; never a traceback.
@@ -24,6 +28,8 @@ from privsock.helper.exitcodes import Exit
 from privsock.helper.policy_file import PolicyFileError, load_policy
 from privsock.helper.procstatus import StatusFormatError, parse_status, report, verdict
 from privsock.policyview import describe
+from privsock.run import bindreq
+from privsock.run import command as runcmd
 
 # Where the Debian package installs the policy (a conffile).
 DEFAULT_POLICY = "/etc/privsock/policy.toml"
@@ -111,6 +117,43 @@ def cmd_exec(args: argparse.Namespace) -> int:
         return exc.exit_code
     except execcmd.ExecError as exc:
         print(f"privsock: exec: {exc}; nothing was started", file=sys.stderr)
+        return exc.exit_code
+    finally:
+        sink.close()
+
+
+def _allow(text: str) -> bindreq.AllowSpec:
+    try:
+        return bindreq.parse_allow(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if (args.policy is None) == (args.connect is None):
+        raise UsageError("run: give either --policy FILE (started as root) or --connect PATH")
+    if args.policy is not None and args.user is None:
+        raise UsageError("run: --policy needs --user USER (the command never runs as root)")
+    if args.group is not None and args.user is None:
+        raise UsageError("run: --group needs --user")
+    if not args.command:
+        raise UsageError("run: no command given (put it after --)")
+    try:
+        target = dropall.resolve(args.user, args.group) if args.user is not None else None
+        sink = auditsink.open_sink(args.audit_log)
+    except dropall.DropError as exc:
+        print(f"privsock: run: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except auditsink.AuditLogError as exc:
+        raise UsageError(f"run: {exc}") from None
+    opts = runcmd.RunOptions(
+        command=args.command, policy=args.policy, connect=args.connect, target=target,
+        allow=tuple(args.allow),
+    )  # fmt: skip
+    try:
+        return runcmd.run(opts, sink)
+    except (dropall.DropError, runcmd.RunError) as exc:
+        print(f"privsock: run: {exc}", file=sys.stderr)
         return exc.exit_code
     finally:
         sink.close()
@@ -206,6 +249,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("command", nargs="*", metavar="-- CMD ARGS")
     p.set_defaults(func=cmd_exec)
+    p = sub.add_parser(
+        "run", help="run CMD as USER; its bind() calls to privileged ports go to the helper",
+        description="Run CMD with no privilege under a seccomp filter that sends its bind() "
+        "calls to a supervisor: a bind to a privileged port gets a socket the helper bound "
+        "(if the policy allows), in place of the program's own, and returns 0; everything "
+        "else binds as it would without privsock. Started as root with --policy and --user, "
+        "or as the user with --connect to a socket-activated helper.",
+    )  # fmt: skip
+    p.add_argument("--policy", metavar="FILE", help="start a helper with this policy (as root)")
+    p.add_argument("--connect", metavar="PATH", help="use the socket-activated helper at PATH")
+    p.add_argument("--user", help="run CMD (and the supervisor) as this user")
+    p.add_argument("--group", help="and this group (default: USER's primary group)")
+    p.add_argument("--allow", action="append", default=[], type=_allow, metavar="SPEC",
+                   help="serve only these binds in this run: tcp:80, udp:[::]:53, "
+                   "tcp:127.0.0.1:443 (repeat; default: whatever the policy grants)")  # fmt: skip
+    p.add_argument(
+        "--audit-log",
+        default="stderr",
+        metavar="DEST",
+        help=f"where audit lines go: {auditsink.SPEC_HELP} (default stderr)",
+    )
+    p.add_argument("command", nargs="*", metavar="-- CMD ARGS")
+    p.set_defaults(func=cmd_run)
     return parser
 
 

@@ -1,0 +1,245 @@
+"""`privsock run`: an unmodified program binds privileged ports itself.
+
+    privsock run --policy FILE --user USER [--group G] -- CMD ARGS   (as root)
+    privsock run --connect PATH -- CMD ARGS                          (as the user)
+
+Root start, in order: probe the kernel; start the helper (as root: it drops
+itself); start CMD as USER under the bind filter (privsock.run.launch); drop
+this process, every thread of it, to USER as well, and make it non-dumpable
+so that CMD, running as the same user, can neither read its memory nor take
+its fds; then supervise (privsock.run.supervise) until CMD and everything it
+started have ended, forwarding signals to CMD. The exit status is CMD's.
+
+User start: the same with a socket-activated helper (SocketCreator(connect=)),
+no drop needed: the supervisor and CMD are the user already. The supervisor
+still sets no_new_privs and makes itself non-dumpable.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from privsock import dropall
+from privsock.auditsink import Sink
+from privsock.client import _SPAWNER, SocketCreator
+from privsock.errors import HelperStartError
+from privsock.helper.exitcodes import Exit
+from privsock.run import bindreq, kernel, launch
+from privsock.run.supervise import Supervisor
+
+EX_UNAVAILABLE = 69  # sysexits: the kernel cannot do this
+FORWARDED = (
+    signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1,
+    signal.SIGUSR2, signal.SIGWINCH,
+)  # fmt: skip
+SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+_PR_CAPBSET_DROP = 24
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+
+
+class RunError(Exception):
+    def __init__(self, exit_code: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    command: Sequence[str]
+    policy: str | None = None
+    connect: str | None = None
+    target: dropall.Target | None = None
+    allow: tuple[bindreq.AllowSpec, ...] = ()
+
+
+def _say(line: str) -> None:
+    print(f"privsock: run: {line}", file=sys.stderr, flush=True)
+
+
+def clean_env(target: dropall.Target) -> dict[str, str]:
+    """What CMD gets when root starts it: a fixed PATH, the target user's
+    identity, and the terminal and locale settings; nothing else of root's."""
+    env = {
+        "PATH": SAFE_PATH, "HOME": target.home, "USER": target.user,
+        "LOGNAME": target.user, "SHELL": "/bin/sh",
+    }  # fmt: skip
+    for key, value in os.environ.items():
+        if key in ("TERM", "LANG") or key.startswith("LC_"):
+            env[key] = value
+    return env
+
+
+def unprivileged_port_start() -> int:
+    """Ports below this need privilege in our network namespace (1024 by default)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start", encoding="ascii") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1024
+
+
+def _limit_thread() -> None:
+    """The calling thread's bounding, inheritable and ambient sets emptied.
+    Those sets (and no_new_privs) belong to each thread, and the uid change
+    clears only the permitted and effective ones."""
+    with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        kernel.prctl(_PR_CAPBSET_DROP, cap)
+    kernel.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
+    import prctl  # noqa: PLC0415 (only the root start needs it)
+
+    prctl.cap_inheritable.limit()
+
+
+def _nnp_thread() -> None:
+    kernel.prctl(kernel.PR_SET_NO_NEW_PRIVS, 1)
+
+
+def _threads_verified(target: dropall.Target) -> None:
+    problems = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/status", encoding="ascii", errors="replace") as f:
+            found = dropall.verify(f.read(), target)
+        problems += [f"thread {tid}: {p}" for p in found]
+    if problems:
+        raise RunError(Exit.OSERR, "supervisor drop not verified: " + "; ".join(problems))
+
+
+def drop_supervisor(target: dropall.Target, helper_started: bool) -> None:
+    """This process, every thread of it, to USER with nothing left; then
+    non-dumpable (the uid change resets that flag, so it comes after)."""
+    if helper_started:
+        _SPAWNER.submit(_limit_thread).result()  # while it still holds CAP_SETPCAP
+    dropall.drop(target)
+    if helper_started:
+        _SPAWNER.submit(_nnp_thread).result()
+    _threads_verified(target)
+
+
+def make_undumpable() -> None:
+    kernel.prctl(kernel.PR_SET_DUMPABLE, 0)
+    if kernel.prctl(kernel.PR_GET_DUMPABLE, 0) != 0:
+        raise RunError(Exit.OSERR, "could not make the supervisor non-dumpable")
+
+
+def _children() -> set[int]:
+    kids: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/children", encoding="ascii") as f:
+                kids.update(int(p) for p in f.read().split())
+        except FileNotFoundError:
+            continue
+    return kids
+
+
+def serve(sup: Supervisor, cmd_pid: int) -> int:
+    """Answer binds and forward signals until CMD has ended and nothing under
+    the filter is left (the listener hangs up once the last such process is
+    reaped: this process is their subreaper). Returns CMD's exit status."""
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    for sig in (*FORWARDED, signal.SIGCHLD):
+        signal.signal(sig, lambda s, f: None)
+    poller = select.poll()
+    poller.register(sup.listener, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    status: int | None = None
+    hung_up = False
+
+    def reap() -> None:
+        nonlocal status
+        for pid in _children() - {sup.creator.pid or -1}:
+            try:
+                done, st = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if done == cmd_pid:
+                status = os.waitstatus_to_exitcode(st)
+
+    reap()
+    try:
+        while status is None or not hung_up:
+            for fd, ev in poller.poll():
+                if fd == wake_r:
+                    for signum in os.read(wake_r, 512):
+                        if signum == signal.SIGCHLD:
+                            reap()
+                        elif status is None:
+                            os.kill(cmd_pid, signum)
+                        elif signum in (signal.SIGINT, signal.SIGTERM):
+                            hung_up = True  # CMD is gone; leave what it left behind
+                    continue
+                if ev & select.POLLIN:
+                    try:
+                        n = kernel.recv(sup.listener)
+                    except OSError as exc:
+                        if exc.errno == errno.ENOENT:
+                            continue  # the caller went away before we looked
+                        raise
+                    sup.handle(n)
+                elif ev & (select.POLLHUP | select.POLLERR):
+                    hung_up = True
+                    poller.unregister(sup.listener)
+    finally:
+        signal.set_wakeup_fd(-1)
+        os.close(wake_r)
+        os.close(wake_w)
+    assert status is not None
+    return status if status >= 0 else 128 - status
+
+
+def run(opts: RunOptions, sink: Sink | None) -> int:
+    """The whole command; RunError for anything that stops it before CMD runs."""
+    try:
+        arch = kernel.arch()
+        kernel.probe(arch)
+    except kernel.KernelTooOld as exc:
+        raise RunError(EX_UNAVAILABLE, f"this kernel cannot run it: {exc}") from None
+    root_start = opts.policy is not None
+    if root_start:
+        if os.geteuid() != 0:
+            raise RunError(Exit.NOPERM, "--policy starts the helper and needs root; "
+                           "as an ordinary user, use --connect PATH")  # fmt: skip
+        dropall.check_privilege()
+    elif opts.target is None and os.geteuid() == 0:
+        raise RunError(Exit.USAGE, "refusing to run the command as root: give --user")
+    # Orphans of CMD come to us, so that daemonizing programs stay served.
+    kernel.prctl(kernel.PR_SET_CHILD_SUBREAPER, 1)
+    creator = SocketCreator(opts.policy, connect=opts.connect, audit_sink=sink)
+    try:
+        creator.start()
+    except HelperStartError as exc:
+        code = exc.returncode if exc.returncode in set(Exit) else Exit.SOFTWARE
+        raise RunError(code or Exit.SOFTWARE, f"cannot start the helper: {exc}") from None
+    try:
+        env = clean_env(opts.target) if opts.target is not None else dict(os.environ)
+        try:
+            launched = launch.spawn(arch, opts.command, env, opts.target)
+        except launch.LaunchError as exc:
+            raise RunError(exc.exit_code, str(exc)) from None
+        try:
+            if opts.target is not None:
+                drop_supervisor(opts.target, helper_started=root_start)
+            else:
+                kernel.prctl(kernel.PR_SET_NO_NEW_PRIVS, 1)
+            make_undumpable()
+        except (dropall.DropError, RunError, OSError):
+            os.kill(launched.pid, signal.SIGKILL)
+            os.waitpid(launched.pid, 0)
+            raise
+        kernel.sync_wake_up(launched.listener)
+        sup = Supervisor(
+            listener=launched.listener, arch=arch, creator=creator, allow=opts.allow,
+            audit_sink=sink, unprivileged_port_start=unprivileged_port_start(), log=_say,
+        )  # fmt: skip
+        return serve(sup, launched.pid)
+    finally:
+        creator.close()

@@ -1,0 +1,173 @@
+"""Starting the program of `privsock run` under the bind filter.
+
+The child, between fork and exec, in this order:
+
+1. a new session (setsid): the program is not the terminal's controlling
+   process and cannot push input into it (TIOCSTI needs the controlling tty);
+2. the privilege drop to USER (root start), or no_new_privs alone (user
+   start): no capability in any set, verified from /proc/thread-self/status;
+3. PR_SET_PDEATHSIG, *after* the uid change (which resets it), then a check
+   that the supervisor is still its parent: a dead supervisor leaves binds
+   failing with ENOSYS, so the program should end with it;
+4. the filter, whose listener fd goes to the supervisor over a private
+   socketpair and is then closed here: the program never holds it;
+5. exec, with the command looked up as USER. An exec failure is reported to
+   the supervisor over the same socketpair (close-on-exec: EOF means the
+   exec succeeded).
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import shutil
+import signal
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from privsock import dropall
+from privsock.helper.exitcodes import Exit
+from privsock.run import kernel
+
+NOT_FOUND = 127
+CANNOT_EXECUTE = 126
+PDEATHSIG = signal.SIGTERM
+START_TIMEOUT = 30.0
+
+
+class LaunchError(Exception):
+    def __init__(self, exit_code: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True, slots=True)
+class Launched:
+    pid: int
+    listener: int
+
+
+def _report(chan: socket.socket, code: int, message: str) -> None:
+    try:
+        chan.send(b"E%d:%s" % (code, message.encode("utf-8", "replace")[:4000]))
+    except OSError:
+        pass
+
+
+def _child(
+    chan: socket.socket,
+    arch: kernel.Arch,
+    command: Sequence[str],
+    env: Mapping[str, str],
+    target: dropall.Target | None,
+    supervisor: int,
+    path: str,
+) -> None:
+    os.setsid()
+    if target is not None:
+        dropall.drop(target)
+    else:
+        kernel.prctl(kernel.PR_SET_NO_NEW_PRIVS, 1)
+    kernel.prctl(kernel.PR_SET_PDEATHSIG, PDEATHSIG)
+    if os.getppid() != supervisor:
+        os._exit(Exit.SOFTWARE)  # the supervisor is already gone
+    listener = kernel.install_filter(arch)
+    chan.sendmsg([b"L"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                           array.array("i", [listener]).tobytes())])  # fmt: skip
+    os.close(listener)
+    # Python ignores these two, and an ignored signal stays ignored across exec.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    found = shutil.which(command[0], path=path) if "/" not in command[0] else command[0]
+    if found is None:
+        _report(chan, NOT_FOUND, f"command not found: {command[0]!r} (PATH={path})")
+        os._exit(NOT_FOUND)
+    try:
+        os.execve(found, list(command), dict(env))  # noqa: S606 (argv as given, no shell)
+    except OSError as exc:
+        code = NOT_FOUND if isinstance(exc, FileNotFoundError) else CANNOT_EXECUTE
+        who = target.user if target is not None else "this user"
+        _report(chan, code, f"cannot run {found!r} as {who}: {exc.strerror}")
+        os._exit(code)
+
+
+def spawn(
+    arch: kernel.Arch,
+    command: Sequence[str],
+    env: Mapping[str, str],
+    target: dropall.Target | None,
+) -> Launched:
+    """Fork and exec the program under the filter; return its pid and the
+    listener once the exec has happened. LaunchError (the child reaped) if
+    any step before the exec failed."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    supervisor = os.getpid()
+    path = env.get("PATH", os.defpath)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child; its failures reach the parent)
+        ours.close()
+        try:
+            _child(theirs, arch, command, env, target, supervisor, path)
+        except dropall.DropError as exc:
+            _report(theirs, exc.exit_code, str(exc))
+        except BaseException as exc:
+            _report(theirs, Exit.OSERR, f"cannot start the command: {exc}")
+        os._exit(Exit.OSERR)
+    theirs.close()
+    with ours:
+        ours.settimeout(START_TIMEOUT)
+        try:
+            listener = _receive_listener(ours)
+            _wait_exec(ours)
+        except LaunchError:
+            _reap(pid)
+            raise
+        except BaseException:
+            os.kill(pid, signal.SIGKILL)
+            _reap(pid)
+            raise
+    return Launched(pid, listener)
+
+
+def _receive_listener(chan: socket.socket) -> int:
+    try:
+        data, anc, _flags, _ = chan.recvmsg(4096, socket.CMSG_SPACE(4))
+    except TimeoutError:
+        raise LaunchError(Exit.SOFTWARE, "the command did not start in time") from None
+    fds = array.array("i")
+    for level, kind, raw in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(raw[: len(raw) - len(raw) % fds.itemsize])
+    if data == b"L" and len(fds) == 1:
+        return fds[0]
+    for fd in fds:
+        os.close(fd)
+    raise _failure(data)
+
+
+def _wait_exec(chan: socket.socket) -> None:
+    try:
+        data = chan.recv(4096)
+    except TimeoutError:
+        raise LaunchError(Exit.SOFTWARE, "the command did not start in time") from None
+    if data:
+        raise _failure(data)
+
+
+def _failure(data: bytes) -> LaunchError:
+    if data.startswith(b"E") and b":" in data:
+        code, _, message = data[1:].partition(b":")
+        if code.isdigit():
+            return LaunchError(int(code), message.decode("utf-8", "replace"))
+    return LaunchError(Exit.SOFTWARE, "the command's start-up ended without a word")
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass

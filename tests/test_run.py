@@ -1,0 +1,724 @@
+"""`privsock run` with real programs on the real kernel: each binds privileged
+ports itself, through its own bind() call, and holds no privilege at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import textwrap
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from privsock.client import HELPER_ENV, default_helper_argv
+from privsock.helper import auditrecord
+
+from .conftest import TEST_POLICY
+from .test_exec import PRIVSOCK, message_lines, status_field, wait_listening
+
+pytestmark = pytest.mark.root
+
+PY = "/usr/bin/python3"  # Debian's: the target user can run it
+NOBODY = pwd.getpwnam("nobody")
+
+
+def privsock_run(policy: Path, *cmd: str, audit: Path | None = None, extra: tuple[str, ...] = (),
+                 **popen: Any) -> list[str]:  # fmt: skip
+    argv = [PRIVSOCK, "run", "--policy", str(policy), "--user", "nobody", *extra]
+    if audit is not None:
+        argv += ["--audit-log", f"file:{audit}"]
+    return [*argv, "--", *cmd]
+
+
+def audit_lines(path: Path) -> list[dict[str, Any]]:
+    return [auditrecord.parse(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A folder the target user can read (tmp_path's parents are 0700)."""
+    folder = Path(tempfile.mkdtemp(prefix="privsock-run-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+# ---------------------------------------------------------------------------
+# Many cases in one run: each is a function of the probe; results as JSON.
+
+PROBE = textwrap.dedent(r"""
+    import ctypes, errno, fcntl, json, os, socket, struct, threading
+    libc = ctypes.CDLL(None, use_errno=True)
+    out = {}
+
+    def attempt(name, fn):
+        try:
+            out[name] = fn()
+        except OSError as exc:
+            out[name] = {"errno": errno.errorcode.get(exc.errno, exc.errno), "msg": str(exc)}
+
+    def tcp4_nonblocking_inheritable():
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.set_inheritable(True)
+        fd = s.fileno()
+        s.bind(("127.0.0.1", 80))
+        s.listen()
+        r = {"fd_same": s.fileno() == fd, "addr": list(s.getsockname()),
+             "nonblocking": not os.get_blocking(fd), "inheritable": os.get_inheritable(fd),
+             "family": s.family.name, "type": s.type.name}
+        s.detach()
+        return r
+
+    def tcp4_reuseaddr_nodelay():
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.bind(("127.0.0.1", 443))
+        r = {"addr": list(s.getsockname()),
+             "reuseaddr": s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR),
+             "nodelay": s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+             "inheritable": os.get_inheritable(s.fileno()),
+             "nonblocking": not os.get_blocking(s.fileno())}
+        s.close()
+        return r
+
+    def dual_stack():
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", 1000))
+        s.listen()
+        c = socket.create_connection(("127.0.0.1", 1000), timeout=5)
+        conn, peer = s.accept()
+        r = {"addr": list(s.getsockname()[:2]), "peer": peer[0],
+             "v6only": s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)}
+        for x in (c, conn, s):
+            x.close()
+        return r
+
+    def v6only_udp():
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.setsockopt(socket.IPPROTO_IPV6, 49, 1)  # IPV6_RECVPKTINFO, carried over
+        s.bind(("::1", 1001))
+        r = {"addr": list(s.getsockname()[:2]), "family": s.family.name,
+             "v6only": s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY),
+             "recvpktinfo": s.getsockopt(socket.IPPROTO_IPV6, 49)}
+        c = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        c.sendto(b"ping", ("::1", 1001))
+        r["got"] = s.recv(10).decode()
+        c.close(); s.close()
+        return r
+
+    def in_a_thread():
+        res = {}
+        def go():
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind(("127.0.0.1", 1002))
+            res["addr"] = list(s.getsockname())
+            s.close()
+        t = threading.Thread(target=go); t.start(); t.join()
+        return res
+
+    def unprivileged():
+        s = socket.socket()
+        s.bind(("127.0.0.1", 8080))
+        r = list(s.getsockname()); s.close()
+        return r
+
+    def ssh():
+        s = socket.socket()
+        try:
+            s.bind(("0.0.0.0", 22))
+        finally:
+            s.close()
+
+    def raw_bind(family, payload, length):
+        s = socket.socket(family, socket.SOCK_STREAM)
+        buf = ctypes.create_string_buffer(payload, max(len(payload), length))
+        if libc.bind(s.fileno(), buf, length) != 0:
+            e = ctypes.get_errno()
+            s.close()
+            raise OSError(e, os.strerror(e))
+        s.close()
+        return "bound"
+
+    def inet_sockaddr_on_inet6_socket():
+        sin = struct.pack("=H", socket.AF_INET) + struct.pack("!H", 80)
+        sin += socket.inet_aton("127.0.0.1")
+        return raw_bind(socket.AF_INET6, sin + bytes(20), 28)
+
+    def inet6_sockaddr_on_inet_socket():
+        sin6 = struct.pack("=H", socket.AF_INET6) + struct.pack("!HI", 80, 0) + bytes(16) + bytes(4)
+        return raw_bind(socket.AF_INET, sin6, 28)
+
+    def freebind():
+        s = socket.socket()
+        s.setsockopt(socket.IPPROTO_IP, 15, 1)  # IP_FREEBIND
+        try:
+            s.bind(("127.0.0.1", 80))
+        finally:
+            s.close()
+
+    def rebind():
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 8081))
+        try:
+            s.bind(("127.0.0.1", 53))
+        finally:
+            s.close()
+
+    def unix():
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.bind("\0privsock-run-test")
+        s.close()
+        return "bound"
+
+    def sctp():
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 132)
+        try:
+            s.bind(("127.0.0.1", 80))
+        finally:
+            s.close()
+
+    for name, fn in list(globals().items()):
+        if callable(fn) and name not in ("attempt", "raw_bind") and fn.__module__ == "__main__" \
+                and not isinstance(fn, type):
+            attempt(name, fn)
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    folder = tmp_path_factory.mktemp("run-probe")
+    policy = folder / "policy.toml"
+    policy.write_text(TEST_POLICY)
+    policy.chmod(0o644)
+    audit = folder / "audit.log"
+    result = subprocess.run(
+        privsock_run(policy, PY, "-I", "-c", PROBE, audit=audit),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return {"out": json.loads(result.stdout), "audit": audit_lines(audit),
+            "stderr": result.stderr}  # fmt: skip
+
+
+def test_a_nonblocking_inheritable_tcp_socket_is_served_as_it_was(
+    probe_run: dict[str, Any],
+) -> None:
+    got = probe_run["out"]["tcp4_nonblocking_inheritable"]
+    assert got == {"fd_same": True, "addr": ["127.0.0.1", 80], "nonblocking": True,
+                   "inheritable": True, "family": "AF_INET", "type": "SOCK_STREAM"}  # fmt: skip
+
+
+def test_options_set_before_bind_are_carried(probe_run: dict[str, Any]) -> None:
+    got = probe_run["out"]["tcp4_reuseaddr_nodelay"]
+    assert got == {"addr": ["127.0.0.1", 443], "reuseaddr": 1, "nodelay": 1,
+                   "inheritable": False, "nonblocking": False}  # fmt: skip
+    grants = [r for r in probe_run["audit"] if r["side"] == "helper" and r["port"] == 443]
+    assert [r["options"] for r in grants] == [["reuseaddr"]]
+
+
+def test_ipv6_dual_stack_and_v6only(probe_run: dict[str, Any]) -> None:
+    out = probe_run["out"]
+    assert out["dual_stack"] == {"addr": ["::", 1000], "peer": "::ffff:127.0.0.1", "v6only": 0}
+    assert out["v6only_udp"] == {"addr": ["::1", 1001], "family": "AF_INET6", "v6only": 1,
+                                 "recvpktinfo": 1, "got": "ping"}  # fmt: skip
+
+
+def test_a_bind_in_a_thread_is_served(probe_run: dict[str, Any]) -> None:
+    assert probe_run["out"]["in_a_thread"] == {"addr": ["127.0.0.1", 1002]}
+
+
+def test_unprivileged_ports_and_other_families_go_to_the_kernel(
+    probe_run: dict[str, Any],
+) -> None:
+    out = probe_run["out"]
+    assert out["unprivileged"] == ["127.0.0.1", 8080]
+    assert out["unix"] == "bound"
+    assert not [r for r in probe_run["audit"] if r["port"] in (8080, 8081)]
+
+
+def test_port_22_is_eacces_in_the_programs_words_and_logged(probe_run: dict[str, Any]) -> None:
+    assert probe_run["out"]["ssh"] == {"errno": "EACCES", "msg": "[Errno 13] Permission denied"}
+    denials = [(r["side"], r["decision"]) for r in probe_run["audit"] if r["port"] == 22]
+    assert ("helper", "denied") in denials
+    assert ("run", "denied") in denials
+    assert "bind(0.0.0.0:22) refused: policy" in probe_run["stderr"]
+
+
+def test_a_sockaddr_of_another_family_gets_the_kernels_answer(probe_run: dict[str, Any]) -> None:
+    out = probe_run["out"]
+    assert out["inet_sockaddr_on_inet6_socket"]["errno"] == "EAFNOSUPPORT"
+    assert out["inet6_sockaddr_on_inet_socket"]["errno"] == "EAFNOSUPPORT"
+
+
+def test_prebind_options_that_cannot_be_carried_are_refused(probe_run: dict[str, Any]) -> None:
+    assert probe_run["out"]["freebind"]["errno"] == "EACCES"
+    assert "IP_FREEBIND set before bind() cannot be carried" in probe_run["stderr"]
+
+
+def test_already_bound_and_unserved_protocols(probe_run: dict[str, Any]) -> None:
+    out = probe_run["out"]
+    # Left to the kernel, which checks the port's privilege before "already
+    # bound": EACCES, as for any unprivileged program.
+    assert out["rebind"]["errno"] == "EACCES"
+    # SCTP may be missing from the kernel (EPROTONOSUPPORT at socket()); if the
+    # socket exists, its privileged bind is refused.
+    assert out["sctp"]["errno"] in ("EACCES", "EPROTONOSUPPORT", "ESOCKTNOSUPPORT")
+
+
+def test_every_grant_was_delivered(probe_run: dict[str, Any]) -> None:
+    audit = probe_run["audit"]
+    granted = [r for r in audit if r["side"] == "helper" and r["decision"] == "granted"]
+    delivered = [r for r in audit if r["side"] == "run" and r["decision"] == "delivered"]
+    assert sorted(r["port"] for r in granted) == sorted(r["port"] for r in delivered)
+    assert sorted(r["port"] for r in granted) == [80, 443, 1000, 1001, 1002]
+
+
+# ---------------------------------------------------------------------------
+# Real servers.
+
+
+def _child_pid(supervisor: int, within: float = 10.0) -> int:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        kids = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+        for kid in kids:
+            if Path(f"/proc/{kid}/cmdline").read_bytes().startswith(PY.encode()):
+                return int(kid)
+        time.sleep(0.02)
+    raise AssertionError("the command did not start")
+
+
+def test_http_server_on_port_80_holds_no_privilege(test_policy: Path) -> None:
+    proc = subprocess.Popen(
+        privsock_run(test_policy, PY, "-m", "http.server", "80", "--bind", "127.0.0.1"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_listening(proc, 80)  # type: ignore[arg-type]
+        with urllib.request.urlopen("http://127.0.0.1:80/", timeout=10) as resp:
+            assert resp.status == 200
+        server = _child_pid(proc.pid)
+        status = Path(f"/proc/{server}/status").read_text()
+        assert status_field(status, "Uid").split() == [str(NOBODY.pw_uid)] * 4
+        for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(status_field(status, name), 16) == 0, name
+        assert status_field(status, "NoNewPrivs") == "1"
+        # The supervisor: the same user, every thread dropped, not dumpable.
+        for task in Path(f"/proc/{proc.pid}/task").iterdir():
+            st = (task / "status").read_text()
+            assert status_field(st, "Uid").split() == [str(NOBODY.pw_uid)] * 4, task
+            assert int(status_field(st, "CapBnd"), 16) == 0, task
+            assert int(status_field(st, "CapEff"), 16) == 0, task
+            assert status_field(st, "NoNewPrivs") == "1", task
+        assert os.stat(f"/proc/{proc.pid}/mem").st_uid == 0  # non-dumpable: owned by root
+        proc.send_signal(signal.SIGTERM)  # forwarded to the server
+        assert proc.wait(timeout=15) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+STATIC_UDP = r"""
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+int main(void) {
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
+    struct sockaddr_in a = {0};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(53);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (bind(s, (struct sockaddr *)&a, sizeof a) != 0) { perror("bind"); return 1; }
+    printf("bound\n");
+    fflush(stdout);
+    char buf[512];
+    struct sockaddr_in peer;
+    socklen_t len = sizeof peer;
+    ssize_t n = recvfrom(s, buf, sizeof buf, 0, (struct sockaddr *)&peer, &len);
+    if (n < 0) { perror("recvfrom"); return 1; }
+    char reply[600];
+    int m = snprintf(reply, sizeof reply, "static:%.*s", (int)n, buf);
+    sendto(s, reply, m, 0, (struct sockaddr *)&peer, len);
+    return 0;
+}
+"""
+
+
+def test_a_static_binary_binds_udp_53_and_answers(test_policy: Path, shared_dir: Path) -> None:
+    src = shared_dir / "udp53.c"
+    src.write_text(STATIC_UDP)
+    binary = shared_dir / "udp53"
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(binary), str(src)], check=True,
+                   capture_output=True, timeout=120)  # fmt: skip
+    ldd = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False)
+    assert "not a dynamic executable" in ldd.stdout + ldd.stderr  # no libc, no LD_PRELOAD
+    proc = subprocess.Popen(privsock_run(test_policy, str(binary)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "bound\n"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+            c.settimeout(10)
+            c.sendto(b"hello", ("127.0.0.1", 53))
+            assert c.recv(100) == b"static:hello"
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+PREFORK = textwrap.dedent(r"""
+    import os, socket, sys
+    s = socket.socket()
+    s.bind(("127.0.0.1", 1004))
+    s.listen(16)
+    kids = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:
+            for _ in range(2):
+                c, _ = s.accept()
+                c.sendall(b"worker %d\n" % os.getpid())
+                c.close()
+            os._exit(0)
+        kids.append(pid)
+    s.close()
+    print("ready", flush=True)
+    for pid in kids:
+        os.waitpid(pid, 0)
+""")
+
+
+def test_prefork_workers_share_the_served_socket(test_policy: Path) -> None:
+    proc = subprocess.Popen(privsock_run(test_policy, PY, "-c", PREFORK),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        answers = set()
+        for _ in range(4):
+            with socket.create_connection(("127.0.0.1", 1004), timeout=10) as c:
+                answers.add(c.makefile().readline().split()[1])
+        assert len(answers) == 2  # both workers served
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# ---------------------------------------------------------------------------
+# Signals, supervisor death, and the target against its supervisor.
+
+STORM = textwrap.dedent(r"""
+    import errno, json, os, signal, socket, sys
+    hits = 0
+    def on_usr1(signum, frame):
+        global hits
+        hits += 1
+    signal.signal(signal.SIGUSR1, on_usr1)
+    signal.siginterrupt(signal.SIGUSR1, False)  # SA_RESTART, as C and Go handlers have
+    print(os.getpid(), flush=True)
+    sys.stdin.readline()
+    ok = eintr = other = 0
+    for i in range(int(sys.argv[1])):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.bind(("127.0.0.1", 1003))
+            ok += 1
+        except InterruptedError:
+            eintr += 1
+        except OSError as exc:
+            other += 1
+            print(exc, file=sys.stderr)
+        s.close()
+    print(json.dumps({"ok": ok, "eintr": eintr, "other": other, "signals": hits}), flush=True)
+""")
+
+
+def test_signal_storm_no_eintr_and_every_grant_delivered(test_policy: Path, tmp_path: Path) -> None:
+    audit = tmp_path / "audit.log"
+    binds = 300
+    proc = subprocess.Popen(privsock_run(test_policy, PY, "-c", STORM, str(binds), audit=audit),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    stop = threading.Event()
+    try:
+        target = int(proc.stdout.readline())
+
+        def storm() -> None:
+            while not stop.is_set():
+                try:
+                    os.kill(target, signal.SIGUSR1)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.0002)
+
+        thread = threading.Thread(target=storm, daemon=True)
+        thread.start()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        result = json.loads(proc.stdout.readline())
+        stop.set()
+        thread.join()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert result["signals"] >= 50  # the storm did reach it, during the binds
+    assert result == {"ok": binds, "eintr": 0, "other": 0, "signals": result["signals"]}
+    recs = audit_lines(audit)
+    granted = [r for r in recs if r["side"] == "helper" and r["decision"] == "granted"]
+    delivered = [r for r in recs if r["side"] == "run" and r["decision"] == "delivered"]
+    assert len(granted) == len(delivered) == binds
+
+
+ORPHAN = textwrap.dedent(r"""
+    import errno, json, os, signal, socket, sys
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stays alive when its parent dies
+    s = socket.socket(); s.bind(("127.0.0.1", 1008)); s.close()
+    print(os.getpid(), flush=True)
+    sys.stdin.readline()
+    out = {}
+    for port in (1008, 8080):
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+            out[port] = "bound"
+        except OSError as exc:
+            out[port] = errno.errorcode[exc.errno]
+        s.close()
+    print(json.dumps(out), flush=True)
+""")
+
+
+def test_supervisor_killed_binds_fail_fast_and_nothing_hangs(test_policy: Path) -> None:
+    proc = subprocess.Popen(
+        privsock_run(test_policy, PY, "-c", ORPHAN),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    target = int(proc.stdout.readline())
+    proc.kill()
+    proc.wait()
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    # Every later bind fails at once, even to an unprivileged port: the filter
+    # cannot be removed and nobody answers it.
+    assert json.loads(proc.stdout.readline()) == {"1008": "ENOSYS", "8080": "ENOSYS"}
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{target}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{target}").exists() or (
+        status_field(Path(f"/proc/{target}/status").read_text(), "State").startswith("Z")
+    )
+
+
+def test_the_program_is_killed_with_its_supervisor(test_policy: Path) -> None:
+    script = "import os, time; print(os.getpid(), flush=True); time.sleep(60)"
+    proc = subprocess.Popen(
+        privsock_run(test_policy, PY, "-c", script),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    target = int(proc.stdout.readline())
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{target}").exists():
+            break
+        if status_field(Path(f"/proc/{target}/status").read_text(), "State").startswith("Z"):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the program outlived its supervisor (no parent-death signal)")
+
+
+ATTACK = textwrap.dedent(r"""
+    import ctypes, errno, json, os, socket
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    sup = os.getppid()
+    out = {"supervisor": sup}
+    def err():
+        return errno.errorcode[ctypes.get_errno()]
+    class Iov(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+    buf = ctypes.create_string_buffer(16)
+    local, remote = Iov(ctypes.addressof(buf), 16), Iov(0x400000, 16)
+    n = libc.process_vm_readv(sup, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    out["process_vm_readv"] = "read" if n >= 0 else err()
+    try:
+        with open(f"/proc/{sup}/mem", "rb") as f:
+            out["mem"] = "opened"
+    except OSError as exc:
+        out["mem"] = errno.errorcode[exc.errno]
+    pidfd = os.pidfd_open(sup)
+    got = []
+    for fd in range(3, 12):
+        r = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd
+        got.append("got" if r >= 0 else err())
+    out["pidfd_getfd"] = sorted(set(got))
+    r = libc.syscall(101, 16, sup, 0, 0)  # ptrace(PTRACE_ATTACH)
+    out["ptrace"] = "attached" if r == 0 else err()
+    s = socket.socket(); s.bind(("127.0.0.1", 1007)); s.close()
+    print(json.dumps(out))
+""")
+
+
+def check_attack(out: dict[str, Any]) -> None:
+    assert out["process_vm_readv"] == "EPERM"
+    assert out["mem"] in ("EACCES", "EPERM")
+    assert out["pidfd_getfd"] == ["EPERM"]
+    assert out["ptrace"] == "EPERM"
+
+
+def test_the_program_cannot_read_or_rob_its_supervisor(test_policy: Path) -> None:
+    result = subprocess.run(privsock_run(test_policy, PY, "-c", ATTACK), capture_output=True,
+                            text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    check_attack(json.loads(result.stdout))
+
+
+# ---------------------------------------------------------------------------
+# Narrowing, exit status, usage.
+
+
+def test_allow_narrows_one_run(test_policy: Path, tmp_path: Path) -> None:
+    audit = tmp_path / "audit.log"
+    script = textwrap.dedent("""
+        import socket
+        for port in (1005, 1006):
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port)); print(port, "bound")
+            except OSError as exc:
+                print(port, exc.strerror)
+            s.close()
+    """)
+    result = subprocess.run(
+        privsock_run(test_policy, PY, "-c", script, audit=audit, extra=("--allow", "tcp:1005")),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["1005 bound", "1006 Permission denied"]
+    assert [r["port"] for r in audit_lines(audit) if r["side"] == "helper"
+            and r["op"] == "CREATE"] == [1005]  # fmt: skip
+    assert "not in this run's --allow list" in result.stderr
+
+
+def test_exit_status_and_missing_command(test_policy: Path) -> None:
+    result = subprocess.run(privsock_run(test_policy, PY, "-c", "raise SystemExit(7)"),
+                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 7
+    result = subprocess.run(privsock_run(test_policy, "no-such-command-xyz"),
+                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 127
+    assert message_lines(result.stderr) == [
+        "privsock: run: command not found: 'no-such-command-xyz' "
+        "(PATH=/usr/local/bin:/usr/bin:/bin)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--user", "nobody", "--", "true"], "give either --policy FILE"),
+        (["--policy", "p.toml", "--", "true"], "--policy needs --user USER"),
+        (["--policy", "p.toml", "--user", "nobody"], "no command given"),
+        (["--policy", "p.toml", "--user", "nobody", "--allow", "tcp:http", "--", "true"],
+         "port 'http' is not a number"),
+    ],
+)
+def test_usage_errors_are_one_line(args: list[str], message: str) -> None:
+    result = subprocess.run([PRIVSOCK, "run", *args], capture_output=True, text=True,
+                            timeout=30, check=False)  # fmt: skip
+    assert result.returncode == 64
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_environment_is_clean(test_policy: Path) -> None:
+    result = subprocess.run(
+        privsock_run(test_policy, PY, "-c", "import json, os; print(json.dumps(dict(os.environ)))"),
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "SECRET_TOKEN": "root's", "TERM": "xterm", "LC_ALL": "C.UTF-8"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    env = json.loads(result.stdout)
+    assert "SECRET_TOKEN" not in env
+    assert env["USER"] == "nobody" and env["HOME"] == NOBODY.pw_dir
+    assert env["PATH"] == "/usr/local/bin:/usr/bin:/bin"
+    assert (env["TERM"], env["LC_ALL"]) == ("xterm", "C.UTF-8")
+
+
+# ---------------------------------------------------------------------------
+# --connect: no root anywhere in the user's chain.
+
+
+@pytest.fixture
+def activated_helper(test_policy: Path, shared_dir: Path) -> Iterator[Path]:
+    """A helper per connection, as systemd's Accept=yes socket starts it."""
+    path = shared_dir / "helper.sock"
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "--seqpacket", "-a", "--inetd", "-l", str(path),
+         *default_helper_argv(), "--policy", str(test_policy)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=HELPER_ENV,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not path.exists():
+            assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
+            time.sleep(0.02)
+        path.chmod(0o666)
+        yield path
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_connect_as_an_unprivileged_user(activated_helper: Path) -> None:
+    result = subprocess.run(
+        [PRIVSOCK, "run", "--connect", str(activated_helper), "--", PY, "-c", ATTACK],
+        capture_output=True, text=True, timeout=60, check=False, user="nobody", group="nogroup",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    check_attack(json.loads(result.stdout))
+    boss = [auditrecord.parse(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    seen = [(r["side"], r["port"], r["decision"]) for r in boss if r["op"] != "PING"]
+    assert seen == [("boss", 1007, "granted"), ("run", 1007, "delivered")]
+
+
+def test_connect_as_root_without_user_is_refused(activated_helper: Path) -> None:
+    result = subprocess.run(
+        [PRIVSOCK, "run", "--connect", str(activated_helper), "--", "true"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 64
+    assert message_lines(result.stderr) == [
+        "privsock: run: refusing to run the command as root: give --user"
+    ]
