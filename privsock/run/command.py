@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from privsock import dropall
 from privsock.auditsink import Sink
-from privsock.client import _SPAWNER, SocketCreator
+from privsock.client import SocketCreator
 from privsock.errors import HelperStartError
 from privsock.helper.exitcodes import Exit
 from privsock.run import bindreq, kernel, launch
@@ -39,8 +39,6 @@ FORWARDED = (
     signal.SIGUSR2, signal.SIGWINCH,
 )  # fmt: skip
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
-_PR_CAPBSET_DROP = 24
-_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 
 
 class RunError(Exception):
@@ -84,43 +82,11 @@ def unprivileged_port_start() -> int:
         return 1024
 
 
-def _limit_thread() -> None:
-    """The calling thread's bounding, inheritable and ambient sets emptied.
-    Those sets (and no_new_privs) belong to each thread, and the uid change
-    clears only the permitted and effective ones."""
-    with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as f:
-        last = int(f.read())
-    for cap in range(last + 1):
-        kernel.prctl(_PR_CAPBSET_DROP, cap)
-    kernel.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
-    import prctl  # noqa: PLC0415 (only the root start needs it)
-
-    prctl.cap_inheritable.limit()
-
-
-def _nnp_thread() -> None:
-    kernel.prctl(kernel.PR_SET_NO_NEW_PRIVS, 1)
-
-
-def _threads_verified(target: dropall.Target) -> None:
-    problems = []
-    for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/status", encoding="ascii", errors="replace") as f:
-            found = dropall.verify(f.read(), target)
-        problems += [f"thread {tid}: {p}" for p in found]
-    if problems:
-        raise RunError(Exit.OSERR, "supervisor drop not verified: " + "; ".join(problems))
-
-
-def drop_supervisor(target: dropall.Target, helper_started: bool) -> None:
-    """This process, every thread of it, to USER with nothing left; then
-    non-dumpable (the uid change resets that flag, so it comes after)."""
-    if helper_started:
-        _SPAWNER.submit(_limit_thread).result()  # while it still holds CAP_SETPCAP
-    dropall.drop(target)
-    if helper_started:
-        _SPAWNER.submit(_nnp_thread).result()
-    _threads_verified(target)
+def drop_supervisor(target: dropall.Target) -> None:
+    """This process, every thread of it (privsock's spawner thread too), to
+    USER with nothing left, verified per thread; then non-dumpable (the uid
+    change resets that flag, so it comes after)."""
+    dropall.drop_privileges(target.uid, target.gid)
 
 
 def make_undumpable() -> None:
@@ -208,7 +174,7 @@ def run(opts: RunOptions, sink: Sink | None) -> int:
         if os.geteuid() != 0:
             raise RunError(Exit.NOPERM, "--policy starts the helper and needs root; "
                            "as an ordinary user, use --connect PATH")  # fmt: skip
-        dropall.check_privilege()
+        dropall.check_privilege("privsock run --policy")
     elif opts.target is None and os.geteuid() == 0:
         raise RunError(Exit.USAGE, "refusing to run the command as root: give --user")
     # Orphans of CMD come to us, so that daemonizing programs stay served.
@@ -227,7 +193,7 @@ def run(opts: RunOptions, sink: Sink | None) -> int:
             raise RunError(exc.exit_code, str(exc)) from None
         try:
             if opts.target is not None:
-                drop_supervisor(opts.target, helper_started=root_start)
+                drop_supervisor(opts.target)
             else:
                 kernel.prctl(kernel.PR_SET_NO_NEW_PRIVS, 1)
             make_undumpable()
