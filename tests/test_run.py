@@ -3,8 +3,10 @@ ports itself, through its own bind() call, and holds no privilege at all."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import pty
 import pwd
 import shutil
 import signal
@@ -21,8 +23,10 @@ from typing import Any
 
 import pytest
 
-from privsock.client import HELPER_ENV, default_helper_argv
+from privsock.client import HELPER_ENV, SocketCreator, default_helper_argv
 from privsock.helper import auditrecord
+from privsock.run import kernel
+from privsock.run.supervise import Supervisor
 
 from .conftest import TEST_POLICY
 from .test_exec import PRIVSOCK, message_lines, status_field, wait_listening
@@ -452,6 +456,7 @@ STORM = textwrap.dedent(r"""
             other += 1
             print(exc, file=sys.stderr)
         s.close()
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the storm may outlast the loop
     print(json.dumps({"ok": ok, "eintr": eintr, "other": other, "signals": hits}), flush=True)
 """)
 
@@ -583,7 +588,7 @@ ATTACK = textwrap.dedent(r"""
         r = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd
         got.append("got" if r >= 0 else err())
     out["pidfd_getfd"] = sorted(set(got))
-    r = libc.syscall(101, 16, sup, 0, 0)  # ptrace(PTRACE_ATTACH)
+    r = libc.syscall(101, 0x4206, sup, 0, 0)  # ptrace(PTRACE_SEIZE): attach without a stop
     out["ptrace"] = "attached" if r == 0 else err()
     s = socket.socket(); s.bind(("127.0.0.1", 1007)); s.close()
     print(json.dumps(out))
@@ -722,3 +727,147 @@ def test_connect_as_root_without_user_is_refused(activated_helper: Path) -> None
     assert message_lines(result.stderr) == [
         "privsock: run: refusing to run the command as root: give --user"
     ]
+
+
+# ---------------------------------------------------------------------------
+# The terminal, and a notification whose caller is gone.
+
+TERMINAL = textwrap.dedent(r"""
+    import errno, fcntl, json, os, termios
+    r = {"own_session": os.getsid(0) == os.getpid()}
+    try:
+        fcntl.ioctl(0, termios.TIOCSTI, b"x")
+        r["tiocsti"] = "pushed"
+    except OSError as exc:
+        r["tiocsti"] = errno.errorcode[exc.errno]
+    try:
+        os.close(os.open("/dev/tty", os.O_RDWR))
+        r["dev_tty"] = "opened"
+    except OSError as exc:
+        r["dev_tty"] = errno.errorcode[exc.errno]
+    print("RESULT" + json.dumps(r), flush=True)
+""")
+
+
+def test_the_program_cannot_push_input_into_the_terminal(test_policy: Path) -> None:
+    argv = privsock_run(test_policy, PY, "-c", TERMINAL)
+    pid, master = pty.fork()
+    if pid == 0:  # pragma: no cover (the child: privsock run on a terminal of its own)
+        os.execv(argv[0], argv)
+    chunks = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break  # EIO: the last process on the terminal closed it
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    _, status = os.waitpid(pid, 0)
+    text = b"".join(chunks).decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    line = next(x for x in text.splitlines() if x.startswith("RESULT"))
+    assert json.loads(line[len("RESULT"):]) == {
+        "own_session": True, "tiocsti": "EPERM", "dev_tty": "ENXIO",
+    }  # fmt: skip
+
+
+DECOY = textwrap.dedent(r"""
+    import ctypes, socket, struct, sys
+    s = socket.socket()
+    addr = ctypes.create_string_buffer(
+        struct.pack("=H", socket.AF_INET) + struct.pack("!H", 80)
+        + socket.inet_aton("127.0.0.1") + bytes(8))
+    print(s.fileno(), ctypes.addressof(addr), flush=True)
+    sys.stdin.readline()
+""")
+
+
+def test_a_stale_notification_is_dropped_before_the_helper_is_asked(test_policy: Path) -> None:
+    """A notification whose caller died: its pid may be another process's by
+    now (here a decoy holding a socket and a port-80 sockaddr at the places the
+    notification names). Nothing may be read from it or asked for it."""
+    arch = kernel.arch()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the caller)
+        try:
+            kernel.prctl(kernel.PR_SET_NO_NEW_PRIVS, 1)
+            listener = kernel.install_filter(arch)
+            socket.send_fds(theirs, [b"L"], [listener])
+            socket.socket().bind(("127.0.0.1", 80))
+        finally:
+            os._exit(0)
+    theirs.close()
+    _, (listener,), _, _ = socket.recv_fds(ours, 1, 1)
+    ours.close()
+    decoy = subprocess.Popen([PY, "-c", DECOY], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)  # fmt: skip
+    try:
+        n = kernel.recv(listener)  # the caller waits in bind(80)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        assert decoy.stdout is not None
+        fd, address = map(int, decoy.stdout.readline().split())
+        records: list[dict[str, Any]] = []
+        with SocketCreator(str(test_policy), audit_sink=records.append) as creator:
+            sup = Supervisor(listener=listener, arch=arch, creator=creator,
+                             audit_sink=records.append)  # fmt: skip
+            sup.handle(dataclasses.replace(n, pid=decoy.pid, args=(fd, address, 16, 0, 0, 0)))
+        assert sup.counters.dropped == 1
+        assert sup.counters.delivered == 0
+        assert [r for r in records if r["op"] == "CREATE"] == []
+    finally:
+        os.close(listener)
+        decoy.kill()
+        decoy.wait()
+
+
+FLIP = textwrap.dedent(r"""
+    import ctypes, json, socket, struct, threading
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(
+        struct.pack("=H", socket.AF_INET) + struct.pack("!H", 1009)
+        + socket.inet_aton("127.0.0.1") + bytes(8))
+    ports = [struct.pack("!H", 1009), struct.pack("!H", 22)]
+    done = threading.Event()
+    def flip():
+        i = 0
+        while not done.is_set():
+            ctypes.memmove(ctypes.addressof(buf) + 2, ports[i % 2], 2)
+            i += 1
+    t = threading.Thread(target=flip)
+    t.start()
+    bound, refused, other = [], 0, []
+    for _ in range(80):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        if libc.bind(s.fileno(), buf, 16) == 0:
+            bound.append(s.getsockname()[1])
+        elif ctypes.get_errno() == 13:
+            refused += 1
+        else:
+            other.append(ctypes.get_errno())
+        s.close()
+    done.set()
+    t.join()
+    print(json.dumps({"bound": bound, "refused": refused, "other": other}))
+""")
+
+
+def test_an_address_flipped_under_the_supervisor_gains_nothing(
+    test_policy: Path, tmp_path: Path
+) -> None:
+    audit = tmp_path / "audit.log"
+    result = subprocess.run(privsock_run(test_policy, PY, "-c", FLIP, audit=audit),
+                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["other"] == []
+    assert len(out["bound"]) + out["refused"] == 80
+    assert set(out["bound"]) <= {1009}  # never a socket on 22
+    helper = [r for r in audit_lines(audit) if r["side"] == "helper" and r["op"] == "CREATE"]
+    assert {r["port"] for r in helper if r["decision"] == "granted"} <= {1009}
+    assert len([r for r in helper if r["decision"] == "granted"]) == len(out["bound"])
+    print(f"flipped address: {len(out['bound'])} grants on 1009, {out['refused']} refusals")
