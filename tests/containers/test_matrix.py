@@ -8,6 +8,7 @@ privileged, so port 53 can only have come from the helper.
 
 from __future__ import annotations
 
+import json
 import math
 import pwd
 import secrets
@@ -258,3 +259,49 @@ def test_8_compromised_boss_is_answered_per_policy(podman: Podman, rootfs: Path)
     assert_hardened(report["helper_after"], report["self"])
     assert report["after_waiting"] == ["OK", 1]  # one socket, once the bucket refilled
     assert report["helper_exit"] == Exit.OK
+
+
+RUN_PROBE = """
+import errno, json, socket
+out = {}
+for kind, port in (("tcp", 80), ("udp", 53), ("tcp", 22)):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
+    try:
+        s.bind(("127.0.0.1", port))
+        out[f"{kind}:{port}"] = list(s.getsockname())
+    except OSError as exc:
+        out[f"{kind}:{port}"] = errno.errorcode[exc.errno]
+    s.close()
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+out["status"] = {k: status[k].strip() for k in
+                 ("Uid", "CapEff", "CapBnd", "NoNewPrivs", "Seccomp", "Seccomp_filters")}
+with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+    out["unprivileged_port_start"] = int(f.read())
+print("RUN-RESULT" + json.dumps(out))
+"""
+
+
+def test_9_privsock_run_under_podmans_default_seccomp_profile(
+    podman: Podman, rootfs: Path
+) -> None:
+    """podman's default profile allows seccomp() with a listener, pidfd_open,
+    pidfd_getfd, process_vm_readv and the notification ioctls: an unmodified
+    program's own bind() to 80 and 53 is served inside the container."""
+    privsock = str(PYTHON.with_name("privsock"))
+    argv = [privsock, "run", "--policy", POLICY, "--user", "nobody", "--",
+            "/usr/bin/python3", "-I", "-c", RUN_PROBE]  # fmt: skip
+    run = podman.run(rootfs, NONE, argv)
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("RUN-RESULT")]
+    assert run.returncode == 0 and len(lines) == 1, run.explain()
+    out = json.loads(lines[0][len("RUN-RESULT"):])
+    assert out["unprivileged_port_start"] > 80  # so 80 and 53 can only come from the helper
+    assert out["tcp:80"] == ["127.0.0.1", 80]
+    assert out["udp:53"] == ["127.0.0.1", 53]
+    assert out["tcp:22"] == "EACCES"
+    status = out["status"]
+    nobody = pwd.getpwnam("nobody").pw_uid
+    assert status["Uid"].split() == [str(nobody)] * 4
+    assert (status["CapEff"], status["CapBnd"], status["NoNewPrivs"]) == (
+        NOBODY_CAPS, NOBODY_CAPS, "1")
+    # podman's profile, then the run's bind filter.
+    assert status["Seccomp"] == "2" and int(status["Seccomp_filters"]) >= 2
