@@ -90,9 +90,9 @@ group = "privsock"
 [rate_limit]
 rate = {rate}
 burst = {burst}
-# allow[0]: loopback and the wildcards, every option
+# allow[0]: tcp on loopback and the wildcards, every option
 [[allow]]
-transports = ["udp", "tcp"]
+transports = ["tcp"]
 ports = [53, 80, "1000-1010"]
 addresses = ["127.0.0.0/8", "::1/128", "0.0.0.0/32", "::/128"]
 options = ["reuseaddr", "reuseport", "v6only"]
@@ -101,12 +101,18 @@ options = ["reuseaddr", "reuseport", "v6only"]
 transports = ["udp"]
 ports = [443, 5353]
 addresses = ["192.0.2.0/24", "2001:db8::/32"]
-options = ["reuseaddr"]
+options = ["v6only"]
 # allow[2]: one address, one transport, no options
 [[allow]]
 transports = ["tcp"]
 ports = [8080]
 addresses = ["127.0.0.1/32"]
+# allow[3]: udp where allow[0] has tcp, every option UDP can be granted (never reuseaddr)
+[[allow]]
+transports = ["udp"]
+ports = [53, 80, "1000-1010"]
+addresses = ["127.0.0.0/8", "::1/128", "0.0.0.0/32", "::/128"]
+options = ["reuseport", "v6only"]
 # deny[0]: ssh, and a port inside allow[0]'s range
 [[deny]]
 ports = [22, 1005]
@@ -125,12 +131,15 @@ def policy_text(rate: float = 100000.0, burst: int = 100000) -> str:
 # The same policy, written out again for the model (not parsed from the text).
 MODEL_POLICY = model.Policy(
     allow=(
-        model.Rule("allow[0]", frozenset({UDP, TCP}), ((53, 53), (80, 80), (1000, 1010)),
+        model.Rule("allow[0]", frozenset({TCP}), ((53, 53), (80, 80), (1000, 1010)),
                    tuple(map(model.net, ("127.0.0.0/8", "::1/128", "0.0.0.0/32", "::/128"))),
                    model.REUSEADDR | model.REUSEPORT | model.V6ONLY),
         model.Rule("allow[1]", frozenset({UDP}), ((443, 443), (5353, 5353)),
-                   (model.net("192.0.2.0/24"), model.net("2001:db8::/32")), model.REUSEADDR),
+                   (model.net("192.0.2.0/24"), model.net("2001:db8::/32")), model.V6ONLY),
         model.Rule("allow[2]", frozenset({TCP}), ((8080, 8080),), (model.net("127.0.0.1/32"),)),
+        model.Rule("allow[3]", frozenset({UDP}), ((53, 53), (80, 80), (1000, 1010)),
+                   tuple(map(model.net, ("127.0.0.0/8", "::1/128", "0.0.0.0/32", "::/128"))),
+                   model.REUSEPORT | model.V6ONLY),
     ),
     deny=(
         model.Rule("deny[0]", frozenset({UDP, TCP}), ((22, 22), (1005, 1005)),

@@ -212,7 +212,9 @@ def decide(policy: Policy, transport: int, family: int, address: int, port: int,
                     passed = 2
                     if any((version, value) in n for n in rule.nets):
                         passed = 3
-                        if options & rule.options == options:
+                        # policy/README.md: reuseaddr is never granted for udp.
+                        never = REUSEADDR if transport == UDP else 0
+                        if options & rule.options & ~never == options:
                             passed = 4
             if passed == 4:
                 granted.append(rule.name)

@@ -27,7 +27,7 @@ from privsock.client import shutdown_on_signals
 from privsock.helper.exitcodes import Exit
 from privsock.helper.policy_file import PolicyFileError, load_policy
 from privsock.helper.procstatus import StatusFormatError, parse_status, report, verdict
-from privsock.policyview import describe
+from privsock.policyview import describe, warnings
 from privsock.run import bindreq
 from privsock.run import command as runcmd
 
@@ -172,6 +172,8 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
     print(f"{args.file}: OK, the helper would accept this policy")
     for line in describe(policy):
         print(f"  {line}")
+    for line in warnings(policy):
+        print(f"WARNING: {line}")
     return Exit.OK
 
 

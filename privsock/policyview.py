@@ -6,7 +6,7 @@ import ipaddress
 
 from privsock.helper.policy import WILDCARD_V4, WILDCARD_V6, Policy, Rule
 from privsock.helper.policyparse import show_range
-from privsock.helper.protocol import OPTION_NAMES, TRANSPORT_NAMES
+from privsock.helper.protocol import OPTION_NAMES, TRANSPORT_NAMES, Option
 
 ANY_V4 = ipaddress.IPv4Network("0.0.0.0/0")
 ANY_V6 = ipaddress.IPv6Network("::/0")
@@ -49,6 +49,18 @@ def describe(policy: Policy) -> list[str]:
     else:
         lines.append("grants nothing: there are no allow rules, so every request is denied")
     return lines
+
+
+def warnings(policy: Policy) -> list[str]:
+    """What the policy grants that is risky though valid, one line each."""
+    return [
+        f"{rule.name} grants reuseport on {_scope(rule)}: every socket the helper creates "
+        f"belongs to user {policy.user}, so any boss of any helper running as {policy.user} "
+        "that may bind the same address and port with reuseport joins the group and gets a "
+        "share of its traffic; grant it only where a single boss uses this helper user"
+        for rule in policy.allow
+        if rule.options & Option.REUSEPORT
+    ]
 
 
 def _scope(rule: Rule) -> str:

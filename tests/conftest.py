@@ -24,8 +24,14 @@ group = "privsock"
 [rate_limit]
 rate = 100000.0
 burst = 100000
+# reuseaddr on TCP only: the parser refuses it for UDP (port hijack).
 [[allow]]
-transports = ["udp", "tcp"]
+transports = ["udp"]
+ports = [53, 80, 443, "1000-1023"]
+addresses = ["0.0.0.0/0", "::/0"]
+options = ["reuseport", "v6only"]
+[[allow]]
+transports = ["tcp"]
 ports = [53, 80, 443, "1000-1023"]
 addresses = ["0.0.0.0/0", "::/0"]
 options = ["reuseaddr", "reuseport", "v6only"]

@@ -98,8 +98,9 @@ def test_same_key_is_bound_once_and_each_holder_gets_its_own_dup(
 
 
 def test_other_options_are_another_socket(alloc: SocketAllocator) -> None:
-    a = alloc.get_bound_socket("udp", "127.0.0.1", 1001, reuseaddr=True, share=Share.ANY)
-    b = alloc.get_bound_socket("udp", "127.0.0.1", 1001, reuseaddr=True, reuseport=True)
+    # TCP: two bound (not listening) sockets with SO_REUSEADDR may share a port.
+    a = alloc.get_bound_socket("tcp", "127.0.0.1", 1001, reuseaddr=True, share=Share.ANY)
+    b = alloc.get_bound_socket("tcp", "127.0.0.1", 1001, reuseaddr=True, reuseport=True)
     assert not same_socket(a, b)
     assert len(alloc) == 2
 

@@ -31,6 +31,18 @@ def test_check_policy_accepts_the_default_and_explains_it() -> None:
     assert "runs as user privsock" in result.stdout
 
 
+def test_check_policy_warns_when_reuseport_is_granted() -> None:
+    result = privsock("check-policy", str(REPO / "policy" / "examples" / "bench.toml"))
+    assert result.returncode == Exit.OK, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("WARNING: ")]
+    assert [w.split(" grants reuseport on ")[0] for w in warnings] == [
+        "WARNING: allow[0]", "WARNING: allow[1]",
+    ]  # fmt: skip
+    assert all("any boss of any helper running as privsock" in w for w in warnings)
+    default = privsock("check-policy", str(DEFAULT_POLICY))
+    assert "WARNING" not in default.stdout + default.stderr
+
+
 def test_check_policy_gives_the_helpers_verdict_on_an_insecure_file(test_policy: Path) -> None:
     test_policy.chmod(0o646)
     result = privsock("check-policy", str(test_policy))

@@ -46,7 +46,9 @@ HAND_CASES = [
     (TCP, "127.0.0.2", 8080, 0, (DENIED, 0, ADDRESS)),
     (UDP, "127.0.0.1", 8080, 0, (DENIED, 0, TRANSPORT)),
     (UDP, "224.0.0.1", 53, 0, (DENIED, 0, ADDRESS)),
-    (UDP, "192.0.2.7", 443, RA, (OS_ERROR, errno.EADDRNOTAVAIL, STAGE_BIND)),
+    (UDP, "192.0.2.7", 443, 0, (OS_ERROR, errno.EADDRNOTAVAIL, STAGE_BIND)),
+    (UDP, "127.0.0.1", 53, RA, (DENIED, 0, OPTION)),  # never for udp: port hijack
+    (UDP, "0.0.0.0", 1000, RP, (OK, 0, 0)),
     (UDP, "2001:db8::1", 5353, 0, (OS_ERROR, errno.EADDRNOTAVAIL, STAGE_BIND)),
     (UDP, "::ffff:192.0.2.7", 443, 0, (OS_ERROR, errno.EADDRNOTAVAIL, STAGE_BIND)),
     (TCP, "::ffff:127.0.0.1", 80, V6, (OS_ERROR, errno.EINVAL, STAGE_BIND)),

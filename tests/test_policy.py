@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from privsock.helper.policy import Decision, Policy, RateLimit, Rule, decide
 from privsock.helper.policyparse import PolicyError, parse_policy
 from privsock.helper.protocol import Create, Option, Reason, Transport
-from privsock.policyview import describe
+from privsock.policyview import describe, warnings
 
 POLICY_DIR = Path(__file__).resolve().parent.parent / "policy"
 
@@ -208,6 +208,19 @@ ERRORS = [
         "allow[0].options[1]",
         "v6only needs an IPv6 network",
     ),
+    (
+        "udp-reuseaddr",
+        doc(rule(options='["v6only", "reuseaddr"]', addresses='["::/0"]')),
+        "allow[0].options[1]",
+        "reuseaddr is never granted for udp: on UDP, SO_REUSEADDR lets a socket take over "
+        "a port that another service holds with SO_REUSEADDR (port hijack",
+    ),
+    (
+        "udp-and-tcp-reuseaddr",
+        doc(rule(transports='["tcp", "udp"]', options='["reuseaddr"]')),
+        "allow[0].options[0]",
+        "reuseaddr is never granted for udp",
+    ),
     # helper
     (
         "user-root",
@@ -389,7 +402,7 @@ def test_full_rule_and_helper() -> None:
             '[helper]\nuser = "svc_dns"',
             "[rate_limit]\nrate = 7\nburst = 3",
             rule(
-                transports='["tcp", "udp"]',
+                transports='["tcp"]',
                 ports='[53, "8000-8080", 1]',
                 addresses='["127.0.0.1", "::1", "10.0.0.0/8", "0.0.0.0/0"]',
                 options='["v6only", "reuseport", "reuseaddr"]',
@@ -401,7 +414,7 @@ def test_full_rule_and_helper() -> None:
     assert policy.rate_limit == RateLimit(7.0, 3)
     assert isinstance(policy.rate_limit.rate, float)
     first, second = policy.allow
-    assert first.transports == frozenset({UDP, TCP})
+    assert first.transports == frozenset({TCP})
     assert first.ports == ((53, 53), (8000, 8080), (1, 1))
     assert [str(n) for n in first.networks] == [
         "127.0.0.1/32",
@@ -432,8 +445,8 @@ def test_default_policy() -> None:
     assert (policy.user, policy.group) == ("privsock", "privsock")
     assert policy.rate_limit == RateLimit(50.0, 100)
     assert policy.allow == (
-        Rule(0, "allow", frozenset({UDP, TCP}), ((53, 53),), anywhere, RA | V6),
-        Rule(1, "allow", frozenset({TCP}), ((80, 80), (443, 443)), anywhere, RA | V6),
+        Rule(0, "allow", frozenset({UDP}), ((53, 53),), anywhere, V6),
+        Rule(1, "allow", frozenset({TCP}), ((53, 53), (80, 80), (443, 443)), anywhere, RA | V6),
     )
     assert policy.deny == (Rule(0, "deny", frozenset({UDP, TCP}), ((22, 22),), anywhere, NONE),)
 
@@ -455,8 +468,18 @@ def test_example_parses(path: Path) -> None:
 def test_bench_example_limits() -> None:
     policy = parse_policy((POLICY_DIR / "examples" / "bench.toml").read_text())
     assert policy.rate_limit == RateLimit(100000.0, 100000)
-    assert policy.allow[0].options == RA | RP | V6
-    assert policy.allow[0].ports == ((900, 929),)
+    assert [(r.transports, r.options) for r in policy.allow] == [
+        (frozenset({UDP}), RP | V6),
+        (frozenset({TCP}), RA | RP | V6),
+    ]
+    assert {r.ports for r in policy.allow} == {((900, 929),)}
+
+
+@pytest.mark.parametrize("path", [POLICY_DIR / "default.toml", *EXAMPLES], ids=lambda p: p.name)
+def test_only_the_bench_policy_grants_reuseport(path: Path) -> None:
+    policy = parse_policy(path.read_text(), path.name)
+    grants_reuseport = any(r.options & RP for r in policy.allow)
+    assert grants_reuseport == (path.name == "bench.toml")
 
 
 # ---------------------------------------------------------------------------
@@ -469,7 +492,7 @@ TABLE_POLICY = parse_policy(
             transports='["udp", "tcp"]',
             ports='[53, "8000-8080"]',
             addresses='["0.0.0.0/0", "::/0"]',
-            options='["reuseaddr", "v6only"]',
+            options='["reuseport", "v6only"]',
         ),
         # allow[1]: tcp 80 on loopback only, reuseport only
         rule(
@@ -533,8 +556,8 @@ DECISIONS = [
     ("option-permitted", TCP, "127.0.0.1", 80, RP, True, None, "allow[1]"),
     ("option-not-permitted", TCP, "127.0.0.1", 80, RA, False, OPTION, "default"),
     ("option-partly-permitted", TCP, "127.0.0.1", 80, RA | RP, False, OPTION, "default"),
-    ("options-subset", UDP, "::", 53, RA | V6, True, None, "allow[0]"),
-    ("reuseport-refused", UDP, "0.0.0.0", 53, RP, False, OPTION, "default"),
+    ("options-subset", UDP, "::", 53, RP | V6, True, None, "allow[0]"),
+    ("reuseaddr-refused", UDP, "0.0.0.0", 53, RA, False, OPTION, "default"),
     # IPv4-mapped addresses are judged as IPv4
     ("mapped-allowed", TCP, "::ffff:127.0.0.1", 80, NONE, True, None, "allow[1]"),
     ("mapped-v4-rule", TCP, "::ffff:10.1.2.3", 9000, NONE, True, None, "allow[3]"),
@@ -567,6 +590,28 @@ def test_decide(
 ) -> None:
     got = decide(TABLE_POLICY, Create(1, transport, ipaddress.ip_address(address), port, options))
     assert got == Decision(allowed, reason, rule_name)
+
+
+# A Policy object the parser would refuse: reuseaddr for both transports.
+_ANYWHERE = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+CARRIES_UDP_REUSEADDR = Policy(
+    "privsock", "privsock", RateLimit(1.0, 1),
+    (Rule(0, "allow", frozenset({UDP, TCP}), ((53, 53),), _ANYWHERE, RA | RP | V6),),
+    (),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.53", "0.0.0.0", "::", "::1"])
+@pytest.mark.parametrize("options", [RA, RA | RP, RA | V6])
+def test_udp_reuseaddr_is_denied_even_if_a_rule_carries_it(address: str, options: Option) -> None:
+    ip = ipaddress.ip_address(address)
+    if ip.version == 4:
+        options &= ~V6
+    got = decide(CARRIES_UDP_REUSEADDR, Create(1, UDP, ip, 53, options))
+    assert got == Decision(False, OPTION, "default")
+    # The same rule still grants it for TCP, and grants UDP without reuseaddr.
+    assert decide(CARRIES_UDP_REUSEADDR, Create(1, TCP, ip, 53, options)).allowed
+    assert decide(CARRIES_UDP_REUSEADDR, Create(1, UDP, ip, 53, options & ~RA)).allowed
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -615,6 +660,7 @@ def test_dual_stack_may_be_granted_by_two_rules() -> None:
 
 README_TABLE = [
     (UDP, "0.0.0.0", 53, NONE, Decision(True, None, "allow[0]")),
+    (UDP, "127.0.0.1", 53, RA, Decision(False, OPTION, "default")),
     (TCP, "::", 443, NONE, Decision(True, None, "allow[1]")),
     (TCP, "::ffff:127.0.0.1", 80, NONE, Decision(True, None, "allow[1]")),
     (TCP, "0.0.0.0", 22, NONE, Decision(False, PORT, "deny[0]")),
@@ -642,9 +688,9 @@ def test_describe_default() -> None:
     assert describe(policy) == [
         "runs as user privsock, group privsock",
         "rate limit: 50 CREATE requests per second sustained, bursts of up to 100",
-        "allow[0]: allows udp+tcp port 53 on any address; options: reuseaddr, v6only; "
+        "allow[0]: allows udp port 53 on any address; options: v6only; "
         "includes wildcard binds to 0.0.0.0 and ::",
-        "allow[1]: allows tcp ports 80, 443 on any address; options: reuseaddr, v6only; "
+        "allow[1]: allows tcp ports 53, 80, 443 on any address; options: reuseaddr, v6only; "
         "includes wildcard binds to 0.0.0.0 and ::",
         "deny[0]: denies udp+tcp port 22 on any address, whatever the options",
         "everything else is denied; deny rules win over allow rules",
@@ -669,6 +715,28 @@ def test_describe_spells_out_wildcard_denies() -> None:
         "this also denies wildcard binds to ::",
         "everything else is denied; deny rules win over allow rules",
     ]
+
+
+def test_warnings_name_each_rule_granting_reuseport() -> None:
+    policy = parse_policy(
+        doc(
+            '[helper]\nuser = "svc"',
+            rule(transports='["tcp"]', ports="[80]", options='["reuseaddr", "reuseport"]'),
+            rule(ports="[53]", options="[]"),
+            rule(ports='["1000-1001"]', addresses='["127.0.0.0/8"]', options='["reuseport"]'),
+        )
+    )
+    assert warnings(policy) == [
+        "allow[0] grants reuseport on tcp port 80 on 0.0.0.0/0: every socket the helper "
+        "creates belongs to user svc, so any boss of any helper running as svc that may bind "
+        "the same address and port with reuseport joins the group and gets a share of its "
+        "traffic; grant it only where a single boss uses this helper user",
+        "allow[2] grants reuseport on udp ports 1000-1001 on 127.0.0.0/8: every socket the "
+        "helper creates belongs to user svc, so any boss of any helper running as svc that "
+        "may bind the same address and port with reuseport joins the group and gets a share "
+        "of its traffic; grant it only where a single boss uses this helper user",
+    ]
+    assert warnings(parse_policy((POLICY_DIR / "default.toml").read_text())) == []
 
 
 def test_describe_deny_only() -> None:
@@ -798,6 +866,7 @@ def _grants(
         and any(lo <= port <= hi for lo, hi in rule.ports)
         and any(address in net for net in rule.networks)
         and options & rule.options == options
+        and not (transport is UDP and options & RA)  # never granted: port hijack
     )
 
 

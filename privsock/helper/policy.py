@@ -17,7 +17,9 @@ Decisions (``decide``), in this order:
    every address, the denied ones included. Options do not matter. A hit is DENIED
    with Reason.PORT and names the deny rule.
 3. Otherwise every judged address needs an allow rule whose transports, ports and
-   networks contain it and whose options include every requested option. A wildcard
+   networks contain it and whose options include every requested option, counting
+   only the options GRANTABLE for the transport: UDP reuseaddr is never granted,
+   whatever a rule says (the parser refuses such a rule too). A wildcard
    is only allowed by a rule with a network containing the wildcard address itself
    (0.0.0.0/0, ::/0, 0.0.0.0/32, ...). The decision names the allow rule that allowed
    the requested address itself (for dual-stack ``::``, the rule for ``::``).
@@ -40,6 +42,16 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 WILDCARD_V4 = ipaddress.IPv4Address(0)
 WILDCARD_V6 = ipaddress.IPv6Address(0)
+
+# The options a rule can grant, per transport. On UDP, SO_REUSEADDR has no owner
+# check: a second socket with it may bind a port that another user's service holds
+# with SO_REUSEADDR (dnsmasq, systemd-resolved's stub), and the newest socket gets
+# the unicast traffic. A grant of it would let a boss take over that service's port.
+# On TCP it never lets a bind share a port with a listening socket, so TCP keeps it.
+GRANTABLE: dict[Transport, Option] = {
+    Transport.UDP: Option.REUSEPORT | Option.V6ONLY,
+    Transport.TCP: Option.REUSEADDR | Option.REUSEPORT | Option.V6ONLY,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +150,6 @@ def _allow_miss(
         return Reason.TRANSPORT
     if not any(address in n for n in rule.networks):
         return Reason.ADDRESS
-    if options & ~rule.options:
+    if options & ~(rule.options & GRANTABLE[transport]):
         return Reason.OPTION
     return None

@@ -15,10 +15,10 @@ Format (TOML; policy/README.md has the same with examples)::
     burst = 40                   # integer, 1-100000; default 40
 
     [[allow]]                    # zero or more
-    transports = ["udp", "tcp"]  # required
+    transports = ["tcp"]         # required
     ports = [53, "8000-8080"]    # required
     addresses = ["0.0.0.0/0", "::/0"]  # required
-    options = ["reuseaddr"]      # default []: any of "reuseaddr", "reuseport", "v6only"
+    options = ["reuseaddr"]      # default []: "reuseaddr" (tcp only), "reuseport", "v6only"
 
     [[deny]]                     # zero or more
     transports = ["tcp"]         # default ["udp", "tcp"]
@@ -39,7 +39,9 @@ Parsing is strict. Each of these is a PolicyError naming the key path and the pr
   requests are judged as IPv4. Networks may nest: loopback listed next to
   0.0.0.0/0 is redundant, not wrong.
 * Unknown or repeated transport or option names (lower case only); ``v6only`` in a
-  rule with no IPv6 network; ``options`` in a deny rule (deny ignores options).
+  rule with no IPv6 network; ``options`` in a deny rule (deny ignores options); an
+  option the rule's transports cannot be granted (policy.GRANTABLE): ``reuseaddr``
+  in a rule for ``udp``, which would let a boss hijack another service's UDP port.
 * User or group names that are not portable POSIX names (``[A-Za-z_][A-Za-z0-9_.-]*``,
   at most 32 characters: no leading digit, so a name never reads as an id), and
   ``root`` as either. Only a name can be checked here: whoever resolves the names
@@ -65,7 +67,7 @@ import re
 import tomllib
 from typing import Literal
 
-from privsock.helper.policy import IPNetwork, Policy, RateLimit, Rule
+from privsock.helper.policy import GRANTABLE, IPNetwork, Policy, RateLimit, Rule
 from privsock.helper.protocol import OPTION_NAMES, TRANSPORT_NAMES, Option, Transport
 
 _DEFAULT_USER = "privsock"
@@ -82,6 +84,12 @@ _DENY_KEYS = ("transports", "ports", "addresses")
 
 _TRANSPORTS = TRANSPORT_NAMES
 _OPTIONS = OPTION_NAMES
+# Why an option is not in GRANTABLE for a transport, for the parser's message.
+_NEVER_GRANTED = {
+    ("reuseaddr", Transport.UDP): "on UDP, SO_REUSEADDR lets a socket take over a port "
+    "that another service holds with SO_REUSEADDR (port hijack: the newest socket gets "
+    "the traffic); give udp a rule of its own without reuseaddr",
+}
 
 _ANY_V4 = ipaddress.IPv4Network("0.0.0.0/0")
 _ANY_V6 = ipaddress.IPv6Network("::/0")
@@ -255,7 +263,7 @@ def _rule(table: object, kind: Literal["allow", "deny"], index: int) -> Rule:
     )
     options = Option(0)
     if "options" in rule:
-        options = _options(rule["options"], f"{key}.options", networks)
+        options = _options(rule["options"], f"{key}.options", transports, networks)
     return Rule(index, kind, transports, ports, networks, options)
 
 
@@ -291,13 +299,23 @@ def _transports(value: object, key: str) -> frozenset[Transport]:
     return frozenset(_TRANSPORTS[n] for n in _names(value, key, tuple(_TRANSPORTS), "transport"))
 
 
-def _options(value: object, key: str, networks: tuple[IPNetwork, ...]) -> Option:
+def _options(
+    value: object, key: str, transports: frozenset[Transport], networks: tuple[IPNetwork, ...]
+) -> Option:
     names = _names(value, key, tuple(_OPTIONS), "option", may_be_empty=True)
     if "v6only" in names and not any(n.version == 6 for n in networks):
         raise _Invalid(
             f"{key}[{names.index('v6only')}]",
             "v6only needs an IPv6 network in addresses; this rule has only IPv4 ones",
         )
+    for name in names:
+        for transport in sorted(transports):
+            if not _OPTIONS[name] & GRANTABLE[transport]:
+                raise _Invalid(
+                    f"{key}[{names.index(name)}]",
+                    f"{name} is never granted for {transport.name.lower()}: "
+                    f"{_NEVER_GRANTED.get((name, transport), 'it is not safe to grant')}",
+                )
     options = Option(0)
     for name in names:
         options |= _OPTIONS[name]
