@@ -24,6 +24,12 @@ from privsock.errors import HelperDied, HelperStartError, PolicyDenied
 pytestmark = pytest.mark.root
 
 
+# Each helper binds in a network namespace of its own with only loopback up, so a
+# port that another test's server left in TIME_WAIT (127.0.0.1:80) cannot fail
+# its bind. `unshare` and `sh` exec into the helper: its pid and parent stay ours.
+FRESH_NETNS = ["unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+
+
 class Acceptor:
     def __init__(self, path: Path, policy: Path) -> None:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -43,7 +49,7 @@ class Acceptor:
                 return
             with conn:
                 self.helpers.append(subprocess.Popen(
-                    [*default_helper_argv(), "--policy", str(self.policy)],
+                    [*FRESH_NETNS, *default_helper_argv(), "--policy", str(self.policy)],
                     stdin=conn.fileno(), stderr=subprocess.DEVNULL, env=HELPER_ENV,
                 ))  # fmt: skip
 
