@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +44,25 @@ def test_check_policy_warns_when_reuseport_is_granted() -> None:
     assert all("any boss of any helper running as privsock" in w for w in warnings)
     default = privsock("check-policy", str(DEFAULT_POLICY))
     assert "WARNING" not in default.stdout + default.stderr
+
+
+def test_check_policy_refuses_a_users_symlink_in_tmp(policy_factory: Callable[[str], Path]) -> None:
+    """The reported case: nobody plants a symlink in /tmp to a root-owned policy."""
+    target = policy_factory((REPO / "policy" / "examples" / "bench.toml").read_text())
+    folder = Path(tempfile.mkdtemp(prefix="privsock-symlink-"))  # in /tmp: root's, sticky
+    try:
+        folder.chmod(0o1777)
+        link = folder / "x.toml"
+        link.symlink_to(target)
+        os.lchown(link, pwd.getpwnam("nobody").pw_uid, -1)
+        result = privsock("check-policy", str(link))
+    finally:
+        shutil.rmtree(folder)
+    assert result.returncode == Exit.CONFIG, result.stdout
+    assert result.stderr == (
+        f"privsock: REFUSED: {link} is a symlink owned by uid {pwd.getpwnam('nobody').pw_uid}; "
+        "a symlink on the way to the policy must be owned by root\n"
+    )
 
 
 def test_check_policy_gives_the_helpers_verdict_on_an_insecure_file(test_policy: Path) -> None:

@@ -1,4 +1,4 @@
-"""load_policy against real files: ownership, modes, file types, size and encoding.
+"""load_policy against real files: ownership, modes, symlinks, file types, size and encoding.
 
 Needs root, to chown files and directories to another user. pytest's tmp_path is
 root-owned and 0700 under /tmp (root-owned, sticky), so a good file there loads.
@@ -157,7 +157,8 @@ def test_parent_owned_by_other_user_refused(tmp_path: Path, privsock_uid: int) -
 
 
 def test_symlink_to_good_file_loads(tmp_path: Path) -> None:
-    # The path is resolved first; the real file and its directories are checked.
+    # A root-owned symlink in a root-only directory is followed; the file it names
+    # and the directories on the way to it are checked.
     target = write(tmp_path / "real.toml")
     link = tmp_path / "link.toml"
     link.symlink_to(target)
@@ -182,6 +183,123 @@ def test_symlinked_directory_checks_the_real_directory(tmp_path: Path) -> None:
     err = refused(tmp_path / "alias" / "p.toml")
     assert err.exit_code is Exit.CONFIG
     assert str(err).startswith(f"{real_dir} is writable by group and others (mode 0777)")
+
+
+def _sticky(tmp_path: Path) -> Path:
+    """A root-owned world-writable sticky directory, like /tmp."""
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    return sticky
+
+
+def test_user_owned_symlink_in_a_sticky_directory_refused(
+    tmp_path: Path, privsock_uid: int
+) -> None:
+    """The reported case: a user plants /tmp/x.toml pointing at a root policy.
+    The kernel (fs.protected_symlinks) refuses root to follow it; so must we."""
+    target = write(tmp_path / "bench.toml")
+    link = _sticky(tmp_path) / "x.toml"
+    link.symlink_to(target)
+    os.lchown(link, privsock_uid, -1)
+    if Path("/proc/sys/fs/protected_symlinks").read_text().strip() == "1":
+        with pytest.raises(PermissionError):
+            link.read_bytes()  # the kernel's own verdict, which load_policy must not undo
+    err = refused(link)
+    assert err.exit_code is Exit.CONFIG
+    assert str(err) == (
+        f"{link} is a symlink owned by uid {privsock_uid}; "
+        "a symlink on the way to the policy must be owned by root"
+    )
+
+
+def test_user_owned_symlink_to_a_directory_refused(tmp_path: Path, privsock_uid: int) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    write(real / "p.toml")
+    alias = _sticky(tmp_path) / "alias"
+    alias.symlink_to(real)
+    os.lchown(alias, privsock_uid, -1)
+    err = refused(alias / "p.toml")
+    assert err.exit_code is Exit.CONFIG
+    assert str(err).startswith(f"{alias} is a symlink owned by uid {privsock_uid}")
+
+
+def test_root_owned_symlink_in_a_root_only_directory_loads(tmp_path: Path) -> None:
+    etc = tmp_path / "etc"
+    etc.mkdir(mode=0o755)
+    (tmp_path / "policies").mkdir(mode=0o755)
+    write(tmp_path / "policies" / "p.toml")
+    (etc / "privsock.toml").symlink_to("../policies/p.toml")  # relative, through ..
+    assert load_policy(str(etc / "privsock.toml")).allow
+
+
+def test_root_owned_symlink_in_a_sticky_directory_loads(tmp_path: Path) -> None:
+    link = _sticky(tmp_path) / "p.toml"
+    link.symlink_to(write(tmp_path / "real.toml"))
+    assert load_policy(str(link)).allow
+
+
+def test_dot_dot_after_a_symlink_goes_up_from_its_target(tmp_path: Path) -> None:
+    # As the kernel walks it: alias/.. is the parent of alias's target, not tmp_path.
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    write(tmp_path / "a" / "p.toml")
+    write(tmp_path / "p.toml", GOOD.replace("ports = [53]", "ports = [0]"))
+    (tmp_path / "alias").symlink_to(tmp_path / "a" / "b")
+    assert load_policy(str(tmp_path / "alias" / ".." / "p.toml")).allow
+
+
+def test_relative_path_is_walked_from_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path / "p.toml")
+    monkeypatch.chdir(tmp_path)
+    assert load_policy("p.toml").allow
+    assert load_policy("./p.toml").allow
+
+
+@pytest.mark.parametrize(("links", "loads"), [(40, True), (41, False)])
+def test_at_most_forty_symlinks(tmp_path: Path, links: int, loads: bool) -> None:
+    previous = write(tmp_path / "p.toml")
+    for i in range(links):
+        link = tmp_path / f"l{i}"
+        link.symlink_to(previous.name)
+        previous = link
+    if loads:
+        assert load_policy(str(previous)).allow
+    else:
+        err = refused(previous)
+        assert err.exit_code is Exit.NOINPUT
+        assert str(err) == f"{previous}: more than 40 symlinks on the way"
+
+
+def test_symlink_loop_refused(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    err = refused(tmp_path / "a")
+    assert err.exit_code is Exit.NOINPUT
+    assert "more than 40 symlinks" in str(err)
+
+
+def test_dangling_symlink(tmp_path: Path) -> None:
+    (tmp_path / "p.toml").symlink_to("gone.toml")
+    err = refused(tmp_path / "p.toml")
+    assert err.exit_code is Exit.NOINPUT
+    assert str(err) == f"{tmp_path}/gone.toml: cannot open: No such file or directory"
+
+
+@pytest.mark.parametrize("suffix", ["/", "/.", "/.."])
+def test_a_path_naming_a_directory_refused(tmp_path: Path, suffix: str) -> None:
+    write(tmp_path / "p.toml")
+    err = refused(f"{tmp_path}/p.toml{suffix}")
+    assert err.exit_code is Exit.NOINPUT
+
+
+def test_a_file_in_the_middle_of_the_path_refused(tmp_path: Path) -> None:
+    write(tmp_path / "p.toml")
+    err = refused(tmp_path / "p.toml" / "q.toml")
+    assert err.exit_code is Exit.NOINPUT
+    assert str(err) == f"{tmp_path}/p.toml is not a directory"
 
 
 def test_missing_file(tmp_path: Path) -> None:
