@@ -5,6 +5,8 @@ The line format is privsock.helper.auditrecord (docs/audit-log.md documents it f
 A sink is a callable taking one record; ``open_sink("stderr" | "file:PATH" |
 "syslog")`` builds one from the command line's ``--audit-log`` value. Every
 line is written and flushed as it comes, so a crash loses none already logged.
+A sink that cannot deliver a record raises AuditLogError, and the client then
+fails the request and closes its socket: no grant goes unlogged.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 import sys
 import syslog
 import threading
+import time
 from typing import Any, TextIO
 
 from privsock.helper import auditrecord
+from privsock.helper.exitcodes import Exit
 
 SPEC_HELP = "stderr, file:PATH or syslog"
 AUDIT_LOGGER = "privsock.audit"
@@ -26,8 +31,17 @@ AUDIT_LOGGER = "privsock.audit"
 _ROUTINE = frozenset({"granted", "pong"})
 
 
+# EX_UNAVAILABLE: the log's destination cannot be reached.
+UNAVAILABLE = 69
+
+
 class AuditLogError(ValueError):
-    """A bad --audit-log value, or a log file that cannot be opened."""
+    """A bad --audit-log value, a log that cannot be opened, or a record that
+    cannot be delivered. ``str(e)`` is one line; ``exit_code`` says which."""
+
+    def __init__(self, message: str, exit_code: int = Exit.USAGE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class LoggingSink:
@@ -87,8 +101,17 @@ class FileSink:
         line = auditrecord.encode(rec)
         with self._lock:
             if self._fd is None:
-                raise ValueError(f"audit log {self.path} is closed")
-            os.write(self._fd, line)
+                raise AuditLogError(f"audit log {self.path} is closed", UNAVAILABLE)
+            try:
+                written = os.write(self._fd, line)
+            except OSError as exc:
+                raise AuditLogError(
+                    f"cannot write to audit log {self.path}: {exc.strerror}", UNAVAILABLE
+                ) from None
+            if written != len(line):  # a full disk can cut a write short
+                raise AuditLogError(
+                    f"cannot write to audit log {self.path}: short write", UNAVAILABLE
+                )
 
     def close(self) -> None:
         with self._lock:
@@ -99,17 +122,66 @@ class FileSink:
 
 class SyslogSink:
     """Each record as one syslog message (the JSON line without its newline),
-    ident "privsock", facility AUTHPRIV: grants at INFO, the rest at WARNING."""
+    ident "privsock", facility AUTHPRIV: grants at INFO, the rest at WARNING.
 
-    def __init__(self, facility: int = syslog.LOG_AUTHPRIV) -> None:
-        syslog.openlog("privsock", syslog.LOG_PID, facility)
+    It writes the datagram to /dev/log itself, in the RFC 3164 form glibc's
+    syslog(3) uses, because syslog(3) drops a message it cannot deliver without
+    a word: a record that does not reach the socket raises AuditLogError. One
+    reconnect is tried first, as the daemon may have restarted."""
+
+    def __init__(self, facility: int = syslog.LOG_AUTHPRIV, address: str = "/dev/log") -> None:
+        self.facility = facility
+        self.address = address
+        self._lock = threading.Lock()
+        self._closed = False
+        self._sock: socket.socket | None = None
+        try:
+            self._sock = self._connect()
+        except OSError as exc:
+            raise AuditLogError(
+                f"cannot reach syslog at {address}: {exc.strerror}", UNAVAILABLE
+            ) from None
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(self.address)
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     def __call__(self, rec: dict[str, Any]) -> None:
         priority = syslog.LOG_INFO if rec.get("decision") in _ROUTINE else syslog.LOG_WARNING
-        syslog.syslog(priority, auditrecord.encode(rec).decode("ascii").rstrip("\n"))
+        stamp = time.strftime("%b %e %H:%M:%S")
+        line = auditrecord.encode(rec).decode("ascii").rstrip("\n")
+        message = f"<{self.facility | priority}>{stamp} privsock[{os.getpid()}]: {line}"
+        data = message.encode("ascii")
+        with self._lock:
+            if self._closed:
+                raise AuditLogError(f"audit log syslog ({self.address}) is closed", UNAVAILABLE)
+            for _ in range(2):  # the daemon may have restarted: reconnect once
+                try:
+                    if self._sock is None:
+                        self._sock = self._connect()
+                    self._sock.send(data)
+                    return
+                except OSError as exc:
+                    error = exc
+                    if self._sock is not None:
+                        self._sock.close()
+                        self._sock = None
+            raise AuditLogError(
+                f"cannot deliver an audit record to syslog at {self.address}: {error.strerror}",
+                UNAVAILABLE,
+            )
 
     def close(self) -> None:
-        syslog.closelog()
+        with self._lock:
+            self._closed = True
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
 
 
 Sink = LoggingSink | StreamSink | FileSink | SyslogSink

@@ -104,6 +104,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
         print(f"privsock: {exc}", file=sys.stderr)
         return exc.exit_code
     except auditsink.AuditLogError as exc:
+        if exc.exit_code != Exit.USAGE:
+            print(f"privsock: exec: {exc}; nothing was started", file=sys.stderr)
+            return exc.exit_code
         raise UsageError(f"exec: {exc}") from None
     # A signal while the helper runs: close and reap it (the exec resets handlers).
     shutdown_on_signals()

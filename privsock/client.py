@@ -318,7 +318,11 @@ class SocketCreator:
         if sock.family != family or sock.type != kind:
             sock.close()
             self._kill(f"sent a {sock.family.name}/{sock.type.name} socket for {what}")
-        self._log_boss(req, reply)
+        try:
+            self._log_boss(req, reply)
+        except BaseException:
+            sock.close()  # a grant that cannot be logged is not handed out
+            raise
         return sock
 
     def _error(self, reply: Reply, what: str) -> CreatorError:

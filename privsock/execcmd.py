@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from privsock import dropall
-from privsock.auditsink import Sink
+from privsock.auditsink import AuditLogError, Sink
 from privsock.client import SocketCreator, describe
 from privsock.errors import (
     CreatorError,
@@ -167,6 +167,8 @@ def acquire(
             raise ExecError(_exit_code(exc), f"cannot start the helper: {exc}") from None
         if isinstance(exc, CreatorError):
             raise ExecError(_exit_code(exc), str(exc)) from None
+        if isinstance(exc, AuditLogError):  # no grant goes unlogged
+            raise ExecError(exc.exit_code, str(exc)) from None
         raise
     return socks
 

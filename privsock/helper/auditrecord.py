@@ -12,7 +12,8 @@ Fields (always present, in this order; absent values are null):
   options   list of option names ("reuseaddr", "reuseport", "v6only")
   decision  "granted", "denied", "rate_limited", "malformed", "os_error", "pong"
   reason    denied: "port", "address", "transport", "option"; malformed: the rule
-            broken; os_error: the stage ("socket", "setsockopt", "bind")
+            broken; os_error: the stage ("socket", "setsockopt", "bind", or "send":
+            the granted socket could not be passed, the request's fields are kept)
   rule      the policy rule that decided ("allow[0]", "deny[1]", "default")
   errno     os_error: the errno number; rate_limited: null
   retry_ms  rate_limited: milliseconds until a retry can succeed

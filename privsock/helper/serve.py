@@ -111,6 +111,9 @@ class Session:
         self.log = log
         self.clock = clock
         self.wallclock = wallclock
+        # The request and rule of the socket handle() last granted, for the audit
+        # line of a send that fails.
+        self.granted: tuple[Create, str] | None = None
 
     def _audit(self, request_id: int, req: Request | None, decision: str, **kw: object) -> None:
         rec = auditrecord.record(
@@ -159,6 +162,7 @@ class Session:
         else:
             try:
                 self._audit(rid, req, "granted", rule=verdict.rule)
+                self.granted = (req, verdict.rule)
             except BaseException:
                 # EPIPE on the log: close the socket here, or the collector's
                 # ResourceWarning calls getsockname, which the filter kills.
@@ -191,7 +195,9 @@ class Session:
                 if exc.errno not in _SEND_FD_ERRORS:
                     raise
                 # The reply did not go out; say why, without the fd.
-                self._audit(reply.request_id, None, "os_error", reason="send", errno=exc.errno)
+                req, rule = self.granted or (None, None)
+                self._audit(reply.request_id, req, "os_error", reason="send", rule=rule,
+                            errno=exc.errno)  # fmt: skip
                 failed = protocol.os_error(reply.request_id, exc.errno or 0, Stage.SEND)
                 self.chan.sendmsg([protocol.encode_reply(failed)])
             finally:
