@@ -58,6 +58,7 @@ audit-fast: bootstrap-containers
 bench:
 	@scripts/bootstrap --bench
 	$(PY) bench/run.py
+	$(PY) bench/run_bind.py
 
 ## Coverage-guided fuzzing and the live-helper fuzzer (FUZZ_SECONDS per target).
 fuzz: bootstrap-dev
