@@ -871,3 +871,44 @@ def test_an_address_flipped_under_the_supervisor_gains_nothing(
     assert {r["port"] for r in helper if r["decision"] == "granted"} <= {1009}
     assert len([r for r in helper if r["decision"] == "granted"]) == len(out["bound"])
     print(f"flipped address: {len(out['bound'])} grants on 1009, {out['refused']} refusals")
+
+
+# ---------------------------------------------------------------------------
+# Known limits: each is refused clearly, never served wrongly.
+
+UNDUMPABLE = textwrap.dedent(r"""
+    import ctypes, errno, socket
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", 80))
+        print("bound")
+    except OSError as exc:
+        print(errno.errorcode[exc.errno])
+""")
+
+
+def test_a_non_dumpable_program_is_left_to_the_kernel_and_told_why(test_policy: Path) -> None:
+    result = subprocess.run(privsock_run(test_policy, PY, "-c", UNDUMPABLE), capture_output=True,
+                            text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "EACCES"  # the kernel's answer to an unprivileged bind
+    assert "cannot read its bind() address (Operation not permitted); left to the kernel" \
+        in result.stderr  # fmt: skip
+
+
+def test_run_does_not_nest_and_says_so(test_policy: Path, activated_helper: Path) -> None:
+    inner = [PRIVSOCK, "run", "--connect", str(activated_helper), "--", "true"]
+    result = subprocess.run(privsock_run(test_policy, *inner), capture_output=True, text=True,
+                            timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 69, result.stderr
+    assert message_lines(result.stderr)[-1] == (
+        "privsock: run: another seccomp listener already watches this process (privsock run, "
+        "LXD's syscall interception, a container's notifier): privsock run cannot nest under it"
+    )
+
+
+def test_run_lines_name_the_transport(probe_run: dict[str, Any]) -> None:
+    run = {(r["port"], r["transport"], r["decision"]) for r in probe_run["audit"]
+           if r["side"] == "run"}  # fmt: skip
+    assert {(80, "tcp", "delivered"), (1001, "udp", "delivered"), (22, "tcp", "denied")} <= run

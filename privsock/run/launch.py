@@ -19,6 +19,7 @@ The child, between fork and exec, in this order:
 from __future__ import annotations
 
 import array
+import errno
 import os
 import shutil
 import signal
@@ -31,6 +32,7 @@ from privsock import dropall
 from privsock.helper.exitcodes import Exit
 from privsock.run import kernel
 
+EX_UNAVAILABLE = 69  # sysexits: the service (here: the kernel's) is unavailable
 NOT_FOUND = 127
 CANNOT_EXECUTE = 126
 PDEATHSIG = signal.SIGTERM
@@ -73,7 +75,15 @@ def _child(
     kernel.prctl(kernel.PR_SET_PDEATHSIG, PDEATHSIG)
     if os.getppid() != supervisor:
         os._exit(Exit.SOFTWARE)  # the supervisor is already gone
-    listener = kernel.install_filter(arch)
+    try:
+        listener = kernel.install_filter(arch)
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+        _report(chan, EX_UNAVAILABLE, "another seccomp listener already watches this process "
+                "(privsock run, LXD's syscall interception, a container's notifier): "
+                "privsock run cannot nest under it")  # fmt: skip
+        os._exit(EX_UNAVAILABLE)
     chan.sendmsg([b"L"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                            array.array("i", [listener]).tobytes())])  # fmt: skip
     os.close(listener)

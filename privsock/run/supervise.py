@@ -38,6 +38,7 @@ from typing import Any
 from privsock.client import SocketCreator
 from privsock.errors import CreatorError, CreatorOSError, PolicyDenied, RateLimited
 from privsock.helper import auditrecord
+from privsock.helper.protocol import Transport
 from privsock.run import bindreq, kernel, sockopts
 
 AuditSink = Callable[[dict[str, Any]], None]
@@ -74,10 +75,13 @@ class Supervisor:
         self.counters.continued += 1
         self._send(nid, flags=kernel.SECCOMP_USER_NOTIF_FLAG_CONTINUE)
 
-    def _refuse(self, nid: int, tgid: int, what: str, reason: str, err: int = errno.EACCES) -> None:
+    def _refuse(
+        self, nid: int, tgid: int, what: str, reason: str, err: int = errno.EACCES,
+        transport: Transport | None = None,
+    ) -> None:  # fmt: skip
         self.counters.refused += 1
         self.log(f"pid {tgid}: bind({what}) refused: {reason}")
-        self._audit(tgid, what, "denied", reason)
+        self._audit(tgid, what, "denied", reason, transport)
         self._send(nid, error=-err)
 
     def _send(self, nid: int, *, val: int = 0, error: int = 0, flags: int = 0) -> None:
@@ -88,7 +92,10 @@ class Supervisor:
                 raise
             self.counters.dropped += 1  # the caller died, or a signal withdrew the call
 
-    def _audit(self, tgid: int, what: str, decision: str, reason: str | None) -> None:
+    def _audit(
+        self, tgid: int, what: str, decision: str, reason: str | None,
+        transport: Transport | None = None,
+    ) -> None:  # fmt: skip
         if self.audit_sink is None:
             return
         rec = auditrecord.record(
@@ -96,7 +103,8 @@ class Supervisor:
             decision=decision, reason=reason,
         )  # fmt: skip
         host, _, port = what.rpartition(":")
-        rec.update(op="BIND", address=host.strip("[]"), port=int(port))
+        rec.update(op="BIND", address=host.strip("[]"), port=int(port),
+                   transport=transport.name.lower() if transport else None)  # fmt: skip
         self.audit_sink(rec)
 
     # -- one notification ---------------------------------------------------
@@ -178,30 +186,31 @@ class Supervisor:
         if facts.bound_port and self._already_ours(theirs, addr):
             self._send(n.id, val=0)  # a restarted bind() of the socket already put in place
             return
+        tr = bindreq.transport_of(facts)
         verdict = bindreq.decide(addr, facts, self.allow)
         if isinstance(verdict, bindreq.Continue):
             self._continue(n.id)
             return
         if isinstance(verdict, bindreq.Refuse):
-            self._refuse(n.id, tgid, what, verdict.reason)
+            self._refuse(n.id, tgid, what, verdict.reason, transport=tr)
             return
         try:
             new = self._create(verdict)
         except PolicyDenied as exc:
-            self._refuse(n.id, tgid, what, f"policy: {exc}")
+            self._refuse(n.id, tgid, what, f"policy: {exc}", transport=tr)
             return
         except CreatorOSError as exc:
-            self._refuse(n.id, tgid, what, f"helper: {exc}", exc.errno)
+            self._refuse(n.id, tgid, what, f"helper: {exc}", exc.errno, tr)
             return
         except CreatorError as exc:
-            self._refuse(n.id, tgid, what, f"helper: {exc}")
+            self._refuse(n.id, tgid, what, f"helper: {exc}", transport=tr)
             return
         with new:
             sockopts.copy(theirs, new)
             cloexec = sockopts.fd_cloexec(tgid, fd)
             if not kernel.id_valid(self.listener, n.id):
                 self.counters.dropped += 1
-                self._audit(tgid, what, "undelivered", "the caller was gone")
+                self._audit(tgid, what, "undelivered", "the caller was gone", tr)
                 return
             try:
                 kernel.addfd_setfd(self.listener, n.id, new.fileno(), fd, cloexec)
@@ -209,13 +218,13 @@ class Supervisor:
                 if exc.errno != errno.ENOENT:
                     raise
                 self.counters.dropped += 1
-                self._audit(tgid, what, "undelivered", "the caller was gone")
+                self._audit(tgid, what, "undelivered", "the caller was gone", tr)
                 return
             st = os.fstat(new.fileno())
             self._granted.add((st.st_dev, st.st_ino))
             self._send(n.id, val=0)
             self.counters.delivered += 1
-            self._audit(tgid, what, "delivered", None)
+            self._audit(tgid, what, "delivered", None, tr)
 
     def _create(self, v: bindreq.Serve) -> socket.socket:
         deadline = time.monotonic() + RATE_LIMIT_WAIT
