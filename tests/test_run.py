@@ -912,3 +912,38 @@ def test_run_lines_name_the_transport(probe_run: dict[str, Any]) -> None:
     run = {(r["port"], r["transport"], r["decision"]) for r in probe_run["audit"]
            if r["side"] == "run"}  # fmt: skip
     assert {(80, "tcp", "delivered"), (1001, "udp", "delivered"), (22, "tcp", "denied")} <= run
+
+
+def test_a_static_go_server_is_served(test_policy: Path, shared_dir: Path) -> None:
+    """Go calls bind() through its own syscall package, not libc: the case
+    LD_PRELOAD tools such as authbind cannot serve. CGO_ENABLED=0 makes it static."""
+    go = shutil.which("go")
+    if go is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("go is missing: scripts/bootstrap --containers installs golang-go")
+        pytest.skip("go is not installed (scripts/bootstrap --containers installs it)")
+    binary = shared_dir / "run_server"
+    env = {**os.environ, "CGO_ENABLED": "0", "GO111MODULE": "off",
+           "GOCACHE": str(shared_dir / "gocache"), "GOPATH": str(shared_dir / "gopath")}
+    source = Path(__file__).parent / "data" / "run_server.go"
+    subprocess.run([go, "build", "-o", str(binary), str(source)], check=True,
+                   capture_output=True, timeout=300, env=env)  # fmt: skip
+    ldd = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False)
+    assert "not a dynamic executable" in ldd.stdout + ldd.stderr
+    proc = subprocess.Popen(privsock_run(test_policy, str(binary)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        # Port 22 is refused in Go's own words.
+        assert proc.stdout.readline() == "ready listen tcp 127.0.0.1:22: bind: permission denied\n"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+            c.settimeout(10)
+            c.sendto(b"hi", ("127.0.0.1", 53))
+            assert c.recv(100) == b"go-udp:hi"
+        with socket.create_connection(("127.0.0.1", 80), timeout=10) as c:
+            assert c.makefile().readline() == "go-tcp\n"
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
