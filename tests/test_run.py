@@ -947,3 +947,38 @@ def test_a_static_go_server_is_served(test_policy: Path, shared_dir: Path) -> No
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+DAEMON = textwrap.dedent(r"""
+    import os, socket, time
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:  # the daemon: its parent and grandparent are gone
+            time.sleep(0.5)
+            s = socket.socket()
+            s.bind(("127.0.0.1", 1010))
+            print("daemon bound", s.getsockname()[1], "ppid", os.getppid(), flush=True)
+            os._exit(0)
+        os._exit(0)
+    os.wait()
+    print("cmd exits", flush=True)
+""")
+
+
+def test_a_daemonizing_program_stays_served(test_policy: Path) -> None:
+    proc = subprocess.Popen(privsock_run(test_policy, PY, "-c", DAEMON), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    # The supervisor is the orphan's subreaper and served it after CMD had exited.
+    assert out.splitlines() == ["cmd exits", f"daemon bound 1010 ppid {proc.pid}"]
+
+
+def test_exec_inside_the_program_keeps_the_filter(test_policy: Path) -> None:
+    script = "import socket; s = socket.socket(); s.bind(('127.0.0.1', 1011)); print('bound')"
+    result = subprocess.run(
+        privsock_run(test_policy, "/bin/sh", "-c", f'{PY} -c "{script}"; exec {PY} -c "{script}"'),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["bound", "bound"]
