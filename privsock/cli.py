@@ -79,6 +79,16 @@ def _backlog(text: str) -> int:
     return int(text)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds in 0-3600")
+    return value
+
+
 def cmd_exec(args: argparse.Namespace) -> int:
     listens: list[execcmd.Listen] = args.listen
     if args.name and len(args.name) != len(listens):
@@ -101,7 +111,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         print(f"privsock: exec: {exc}", file=sys.stderr)
         return exc.exit_code
     except execcmd.ExecError as exc:
-        print(f"privsock: {exc}", file=sys.stderr)
+        print(f"privsock: exec: {exc}", file=sys.stderr)
         return exc.exit_code
     except auditsink.AuditLogError as exc:
         if exc.exit_code != Exit.USAGE:
@@ -114,6 +124,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         execcmd.run(
             policy=args.policy, target=target, listens=listens, names=names,
             command=args.command, backlog=args.backlog, reuseaddr=args.reuseaddr, sink=sink,
+            rate_wait=args.rate_wait,
         )  # fmt: skip
     except dropall.DropError as exc:
         print(f"privsock: exec: {exc}", file=sys.stderr)
@@ -245,6 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="reuseaddr",
         action="store_false",
         help="do not ask for SO_REUSEADDR on TCP sockets",
+    )
+    p.add_argument(
+        "--rate-wait",
+        type=_seconds,
+        default=execcmd.DEFAULT_RATE_WAIT,
+        metavar="SECONDS",
+        help="wait up to this long in all for the policy's rate limit (default "
+        f"{execcmd.DEFAULT_RATE_WAIT:g}; 0: never wait)",
     )
     p.add_argument(
         "--audit-log",

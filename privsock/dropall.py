@@ -94,16 +94,13 @@ def resolve(user: str, group: str | None) -> Target:
     return Target(pw.pw_name, pw.pw_uid, gid, pw.pw_dir)
 
 
-def check_privilege(who: str = "privsock exec") -> None:
+def check_privilege(
+    not_root: str = "must be started as root: it drops to --user itself",
+) -> None:
     """The drop needs root with SETUID, SETGID and SETPCAP; say so before
-    anything starts. ``who`` names what needs it, for the message."""
+    anything starts (``not_root``: the message for a non-root caller)."""
     if os.geteuid() != 0:
-        raise DropError(
-            Exit.NOPERM,
-            f"{who} must be started as root: it drops to --user itself"
-            if who == "privsock exec"
-            else f"{who} needs root: this process runs as uid {os.geteuid()}",
-        )
+        raise DropError(Exit.NOPERM, not_root)
     status = parse_status(_read_status())
     missing = [
         name for bit, name in ((_CAP_SETUID, "CAP_SETUID"), (_CAP_SETGID, "CAP_SETGID"),
@@ -197,7 +194,7 @@ def drop_privileges(user: str | int, group: str | int | None = None) -> Target:
     if isinstance(group, bool) or not isinstance(group, str | int | None):
         raise TypeError(f"group must be a name, a gid or None, not {type(group).__name__}")
     target = resolve(str(user), None if group is None else str(group))
-    check_privilege("privsock.drop_privileges")
+    check_privilege(f"privsock.drop_privileges needs root: this is uid {os.geteuid()}")
     me = threading.get_native_id()
     ours = {me, spawner.call(threading.get_native_id)}
     others = {tid: name for tid, name in _threads().items() if tid not in ours}

@@ -70,9 +70,18 @@ def describe_exit(returncode: int | None) -> str:
         return f"exit {returncode}"
 
 
+def _status(returncode: int | None, detail: str) -> str:
+    """How the helper ended, for a message that may go on with its own words
+    (``detail``): an exit code's stock description only when there are none,
+    so nothing is said twice."""
+    if detail and returncode is not None and returncode > 0:
+        return f"exit {returncode}"
+    return describe_exit(returncode)
+
+
 class HelperDied(CreatorError):
     def __init__(self, returncode: int | None, detail: str = "") -> None:
-        msg = f"privsock helper died ({describe_exit(returncode)})"
+        msg = f"privsock helper died ({_status(returncode, detail)})"
         super().__init__(msg + (f": {detail}" if detail else ""))
         self.returncode = returncode
         self.detail = detail
@@ -88,7 +97,7 @@ class HelperStartError(HelperDied):
 
     def __init__(self, returncode: int | None, detail: str = "") -> None:
         super().__init__(returncode, detail)
-        status = "" if returncode is None else f" ({describe_exit(returncode)})"
+        status = "" if returncode is None else f" ({_status(returncode, detail)})"
         self.args = (f"privsock helper did not start{status}" + (f": {detail}" if detail else ""),)
 
 

@@ -23,7 +23,8 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -39,12 +40,15 @@ from privsock.errors import (
 )
 from privsock.helper import protocol
 from privsock.helper.exitcodes import Exit
-from privsock.helper.protocol import Transport
+from privsock.helper.policy import RateLimit
+from privsock.helper.policy_file import PolicyFileError, load_policy
+from privsock.helper.protocol import Reason, Transport
 
 SD_LISTEN_FDS_START = 3
 EX_UNAVAILABLE = 69  # sysexits: the address is in use or cannot be bound
 EX_TEMPFAIL = 75  # sysexits: rate limited, try again later
 CANNOT_EXECUTE = 126  # as env(1), nohup(1), the shell
+DEFAULT_RATE_WAIT = 10.0  # seconds exec waits in all for rate-limit tokens
 NOT_FOUND = 127
 
 
@@ -115,10 +119,10 @@ def check_name(name: str) -> str:
 def find_command(command: Sequence[str]) -> str:
     """Refuse a missing or unknown command before anything starts."""
     if not command:
-        raise ExecError(Exit.USAGE, "exec: no command given (put it after --)")
+        raise ExecError(Exit.USAGE, "no command given (put it after --)")
     found = shutil.which(command[0])
     if found is None:
-        raise ExecError(NOT_FOUND, f"exec: command not found: {command[0]!r}")
+        raise ExecError(NOT_FOUND, f"command not found: {command[0]!r}")
     return found
 
 
@@ -134,6 +138,66 @@ def _exit_code(exc: CreatorError) -> int:
     return Exit.SOFTWARE
 
 
+def check_rate_limit(policy: str, count: int, rate_wait: float) -> RateLimit | None:
+    """The policy's rate limit, read as the helper will read it (None if it
+    cannot be: the helper then says why, once). ExecError at once if ``count``
+    sockets cannot be had within ``rate_wait`` seconds: a fresh helper's bucket
+    holds ``burst`` tokens and refills at ``rate`` per second."""
+    try:
+        limit = load_policy(policy).rate_limit
+    except PolicyFileError:
+        return None
+    if count <= limit.burst:
+        return limit
+    need = (count - limit.burst) / limit.rate
+    if need > rate_wait:
+        raise ExecError(
+            EX_TEMPFAIL,
+            f"{count} sockets asked for, but the policy's rate limit gives at most "
+            f"{limit.burst} at once and {_rate(limit)} per second after that: the other "
+            f"{count - limit.burst} need {need:.1f}s of waiting, more than --rate-wait "
+            f"{rate_wait:g}s; raise [rate_limit] burst to {count} in {policy}, or --rate-wait",
+        )
+    return limit
+
+
+def _rate(limit: RateLimit) -> str:
+    return f"{limit.rate:g}"
+
+
+def _create(
+    creator: SocketCreator,
+    listen: Listen,
+    *,
+    reuseaddr: bool,
+    deadline: float,
+    on_wait: Callable[[], None],
+) -> socket.socket:
+    """One socket, waiting for rate-limit tokens until ``deadline`` (calling
+    ``on_wait`` before each wait)."""
+    while True:
+        try:
+            return creator.create(listen.transport, listen.address, listen.port,
+                                  reuseaddr=reuseaddr)  # fmt: skip
+        except RateLimited as exc:
+            if time.monotonic() + exc.retry_after > deadline:
+                raise ExecError(
+                    EX_TEMPFAIL, f"{listen}: still rate limited when --rate-wait ran out"
+                ) from None
+            on_wait()
+            time.sleep(exc.retry_after)
+        except PolicyDenied as exc:
+            if reuseaddr and exc.reason is Reason.OPTION:
+                # exec asked for nothing else: the policy lacks reuseaddr for this socket.
+                raise ExecError(
+                    Exit.NOPERM,
+                    f"{listen}: denied by policy (option reuseaddr, which exec asks for on "
+                    'TCP sockets): grant it with options = ["reuseaddr"] in the allow rule, '
+                    "or pass --no-reuseaddr",
+                ) from None
+            raise
+
+
 def acquire(
     policy: str,
     listens: Sequence[Listen],
@@ -141,17 +205,31 @@ def acquire(
     backlog: int,
     reuseaddr: bool,
     sink: Sink,
+    rate_wait: float = DEFAULT_RATE_WAIT,
 ) -> list[socket.socket]:
     """Steps 1-3: every socket bound (TCP listening), the helper stopped; or
-    ExecError, with every socket closed and the helper stopped."""
+    ExecError, with every socket closed and the helper stopped. Waits up to
+    ``rate_wait`` seconds in all for rate-limit tokens."""
+    limit = check_rate_limit(policy, len(listens), rate_wait)
     socks: list[socket.socket] = []
+    told: list[bool] = []
+
+    def on_wait() -> None:
+        if not told:  # once: the line says how long it may take in all
+            told.append(True)
+            bucket = f" (bursts of {limit.burst}, {_rate(limit)}/s)" if limit else ""
+            print(f"privsock: exec: rate limited by the policy{bucket} after {len(socks)} of "
+                  f"{len(listens)} sockets; waiting for tokens, at most {rate_wait:g}s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
     try:
         with SocketCreator(policy, audit_sink=sink) as creator:
+            deadline = time.monotonic() + rate_wait
             for listen in listens:
                 # SO_REUSEADDR on TCP, as systemd does: a restart need not wait for TIME_WAIT.
                 tcp = listen.transport is Transport.TCP
-                sock = creator.create(listen.transport, listen.address, listen.port,
-                                      reuseaddr=reuseaddr and tcp)  # fmt: skip
+                sock = _create(creator, listen, reuseaddr=reuseaddr and tcp,
+                               deadline=deadline, on_wait=on_wait)  # fmt: skip
                 socks.append(sock)
                 if tcp:
                     try:
@@ -164,7 +242,8 @@ def acquire(
         for sock in socks:
             sock.close()
         if isinstance(exc, HelperStartError):
-            raise ExecError(_exit_code(exc), f"cannot start the helper: {exc}") from None
+            # "helper did not start (exit N): its own words", said once.
+            raise ExecError(_exit_code(exc), str(exc).removeprefix("privsock ")) from None
         if isinstance(exc, CreatorError):
             raise ExecError(_exit_code(exc), str(exc)) from None
         if isinstance(exc, AuditLogError):  # no grant goes unlogged
@@ -214,11 +293,14 @@ def run(
     backlog: int,
     reuseaddr: bool,
     sink: Sink,
+    rate_wait: float = DEFAULT_RATE_WAIT,
 ) -> NoReturn:
     """All five steps; returns only by raising ExecError (or exec failing)."""
     path = find_command(command)
     dropall.check_privilege()
-    socks = acquire(policy, listens, backlog=backlog, reuseaddr=reuseaddr, sink=sink)
+    socks = acquire(
+        policy, listens, backlog=backlog, reuseaddr=reuseaddr, sink=sink, rate_wait=rate_wait
+    )
     sink.close()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -232,5 +314,5 @@ def run(
         os.execve(path, list(command), env)  # noqa: S606 (no shell: argv as given)
     except OSError as exc:
         code = NOT_FOUND if isinstance(exc, FileNotFoundError) else CANNOT_EXECUTE
-        raise ExecError(code, f"exec: cannot run {command[0]!r} as {target.user}: "
+        raise ExecError(code, f"cannot run {command[0]!r} as {target.user}: "
                         f"{exc.strerror}") from None  # fmt: skip

@@ -6,7 +6,7 @@ import ipaddress
 
 from privsock.helper.policy import WILDCARD_V4, WILDCARD_V6, Policy, Rule
 from privsock.helper.policyparse import show_range
-from privsock.helper.protocol import OPTION_NAMES, TRANSPORT_NAMES, Option
+from privsock.helper.protocol import OPTION_NAMES, TRANSPORT_NAMES, Option, Transport
 
 ANY_V4 = ipaddress.IPv4Network("0.0.0.0/0")
 ANY_V6 = ipaddress.IPv6Network("::/0")
@@ -26,6 +26,12 @@ def describe(policy: Policy) -> list[str]:
         line = f"{rule.name}: allows {_scope(rule)}; options: {options}"
         if wildcards:
             line += "; includes wildcard binds to " + " and ".join(map(str, wildcards))
+        if Transport.TCP in rule.transports and Option.REUSEADDR not in rule.options:
+            # exec's default would be refused with reason "option": say so here first.
+            line += (
+                "; note: privsock exec asks for reuseaddr on TCP sockets, which this rule "
+                'refuses: add options = ["reuseaddr"], or run exec with --no-reuseaddr'
+            )
         lines.append(line)
     for rule in policy.deny:
         line = f"{rule.name}: denies {_scope(rule)}, whatever the options"

@@ -346,7 +346,7 @@ def test_command_the_user_cannot_run_fails_after_the_drop(test_policy: Path) -> 
     assert result.returncode == 126
     assert result.stdout == ""
     assert message_lines(result.stderr) == [
-        f"privsock: exec: exec: cannot run '{script}' as privsock: Permission denied; "
+        f"privsock: exec: cannot run '{script}' as privsock: Permission denied; "
         "nothing was started"
     ]
 
@@ -358,7 +358,7 @@ def test_refuses_to_run_unprivileged(test_policy: Path) -> None:
     )  # fmt: skip
     assert result.returncode == Exit.NOPERM
     assert result.stderr.splitlines() == [
-        "privsock: exec: privsock exec must be started as root: it drops to --user itself"
+        "privsock: exec: must be started as root: it drops to --user itself"
     ]
 
 

@@ -739,6 +739,27 @@ def test_warnings_name_each_rule_granting_reuseport() -> None:
     assert warnings(parse_policy((POLICY_DIR / "default.toml").read_text())) == []
 
 
+@pytest.mark.parametrize(
+    ("transports", "options", "noted"),
+    [
+        ('["tcp"]', "[]", True),
+        ('["udp", "tcp"]', '["reuseport"]', True),
+        ('["tcp"]', '["reuseaddr"]', False),
+        ('["udp"]', "[]", False),
+    ],
+)
+def test_describe_notes_tcp_rules_exec_would_be_refused_by(
+    transports: str, options: str, noted: bool
+) -> None:
+    policy = parse_policy(doc(rule(transports=transports, options=options)))
+    line = describe(policy)[2]
+    note = (
+        "; note: privsock exec asks for reuseaddr on TCP sockets, which this rule refuses: "
+        'add options = ["reuseaddr"], or run exec with --no-reuseaddr'
+    )
+    assert line.endswith(note) == noted, line
+
+
 def test_describe_deny_only() -> None:
     lines = describe(parse_policy(doc(rule("deny"))))
     assert lines[-1] == "grants nothing: there are no allow rules, so every request is denied"
