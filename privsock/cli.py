@@ -1,7 +1,8 @@
 """The `privsock` command: the boss side for humans and supervisors.
 
     privsock check-policy [FILE] the helper's verdict on a policy, and what it grants
-    privsock inspect PID         is that process hardened as privsock promises?
+    privsock inspect PID         is that process hardened as privsock promises for its
+                                 role (helper, or a server exec dropped; --expect)?
     privsock exec [--policy FILE] --user USER --listen tcp:0.0.0.0:80 ... -- CMD ARGS
                                  bind through the helper, drop to USER with no
                                  privilege, exec CMD with the sockets (LISTEN_FDS)
@@ -22,11 +23,11 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from privsock import __version__, auditsink, dropall, execcmd
+from privsock import __version__, auditsink, dropall, execcmd, inspection
 from privsock.client import shutdown_on_signals
 from privsock.helper.exitcodes import Exit
 from privsock.helper.policy_file import PolicyFileError, load_policy
-from privsock.helper.procstatus import StatusFormatError, parse_status, report, verdict
+from privsock.helper.procstatus import StatusFormatError, parse_status, report
 from privsock.policyview import describe, warnings
 from privsock.run import bindreq
 from privsock.run import command as runcmd
@@ -207,15 +208,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     except StatusFormatError as exc:
         print(f"privsock: {path} is not in the expected format: {exc}", file=sys.stderr)
         return Exit.DATAERR
+    try:
+        with open(f"/proc/{args.pid}/cmdline", "rb") as f:
+            argv = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        argv = []  # gone meanwhile, or unreadable: judged as a server unless --expect
+    profile, why = inspection.choose(argv, args.expect)
     for line in report(status):
         print(line)
-    problems = verdict(status)
+    print(f"profile   {profile} ({why})")
+    problems, ok = inspection.judge(status, profile)
     if problems:
-        print("verdict   NOT hardened as privsock promises:")
+        print(f"verdict   NOT hardened as privsock promises for a {profile}:")
         for problem in problems:
             print(f"  - {problem}")
         return 1
-    print("verdict   hardened: non-root, only CAP_NET_BIND_SERVICE, no_new_privs, seccomp filter")
+    print(f"verdict   {ok}")
     return Exit.OK
 
 
@@ -227,8 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="?", default=DEFAULT_POLICY,
                    help=f"the policy file (default {DEFAULT_POLICY})")  # fmt: skip
     p.set_defaults(func=cmd_check_policy)
-    p = sub.add_parser("inspect", help="check that a running process is hardened")
+    p = sub.add_parser(
+        "inspect", help="check that a running process is hardened",
+        description="Judge /proc/PID/status against the state privsock promises for the "
+        "process's role: the helper (only CAP_NET_BIND_SERVICE, no_new_privs, seccomp) or a "
+        "server privsock exec dropped (no capability in any set, no_new_privs).",
+    )  # fmt: skip
     p.add_argument("pid", type=_pid)
+    p.add_argument(
+        "--expect",
+        choices=inspection.PROFILES,
+        help="judge as this role (default: the helper if its command line is the "
+        "helper's, else a dropped server)",
+    )
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser(
         "exec", help="bind sockets through the helper, then run CMD on them as USER",

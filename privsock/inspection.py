@@ -1,0 +1,64 @@
+"""What ``privsock inspect`` judges a process against: one profile per role.
+
+* ``helper``: the serving helper's promise (``procstatus.verdict``): non-root,
+  exactly CAP_NET_BIND_SERVICE permitted, effective and bounding, no_new_privs,
+  a seccomp filter.
+* ``server``: a program ``privsock exec`` (or ``privsock.drop_privileges``)
+  dropped: non-root, every uid and every gid the same (nothing to switch back
+  to), no root group, no capability in any set, no_new_privs. Seccomp is not
+  required: exec loads none.
+
+The profile is chosen from the process's command line (the helper runs
+``privsock.helper.main`` or ``privsock-helper``) unless ``--expect`` names it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from privsock.helper.procstatus import CAP_SETS, ProcStatus, cap_names, verdict
+
+PROFILES = ("helper", "server")
+
+HELPER_OK = "hardened: non-root, only CAP_NET_BIND_SERVICE, no_new_privs, seccomp filter"
+SERVER_OK = "hardened: non-root, no capability in any set, no_new_privs (a dropped server)"
+
+
+def is_helper_command(argv: list[str]) -> bool:
+    return any(arg == "privsock.helper.main" or os.path.basename(arg) == "privsock-helper"
+               for arg in argv)  # fmt: skip
+
+
+def choose(argv: list[str], expect: str | None) -> tuple[str, str]:
+    """(profile, why it was chosen)."""
+    if expect is not None:
+        return expect, f"--expect {expect}"
+    if is_helper_command(argv):
+        return "helper", "its command line runs the privsock helper"
+    return "server", "its command line is not the helper's; --expect helper to judge it as one"
+
+
+def server_verdict(st: ProcStatus) -> list[str]:
+    """Every way ``st`` differs from a fully dropped server; empty means dropped."""
+    problems: list[str] = []
+    for kind, ids in (("uid", st.uids), ("gid", st.gids)):
+        shown = " ".join(map(str, ids))
+        if 0 in ids:
+            problems.append(f"a {kind} is 0 ({kind.capitalize()}: {shown})")
+        elif len(set(ids)) != 1:
+            problems.append(f"the {kind}s differ ({shown}): it could switch back to another")
+    if 0 in st.groups:
+        problems.append(f"supplementary group 0 (root) remains: {list(st.groups)}")
+    for name in CAP_SETS:
+        if have := st.caps[name]:
+            problems.append(f"{name} is {have:016x} ({','.join(cap_names(have))})")
+    if st.no_new_privs != 1:
+        problems.append("NoNewPrivs is not set")
+    return problems
+
+
+def judge(st: ProcStatus, profile: str) -> tuple[list[str], str]:
+    """(problems, the verdict's words when there are none)."""
+    if profile == "helper":
+        return verdict(st), HELPER_OK
+    return server_verdict(st), SERVER_OK
