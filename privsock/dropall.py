@@ -195,6 +195,8 @@ def drop_privileges(user: str | int, group: str | int | None = None) -> Target:
         raise TypeError(f"group must be a name, a gid or None, not {type(group).__name__}")
     target = resolve(str(user), None if group is None else str(group))
     check_privilege(f"privsock.drop_privileges needs root: this is uid {os.geteuid()}")
+    if threading.current_thread().name.startswith("privsock-spawner"):
+        raise DropError(Exit.USAGE, "not dropping privileges from privsock's spawner thread")
     me = threading.get_native_id()
     ours = {me, spawner.call(threading.get_native_id)}
     others = {tid: name for tid, name in _threads().items() if tid not in ours}
