@@ -160,6 +160,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"privsock: run: {exc}", file=sys.stderr)
         return exc.exit_code
     except auditsink.AuditLogError as exc:
+        if exc.exit_code != Exit.USAGE:
+            print(f"privsock: run: {exc}; nothing was started", file=sys.stderr)
+            return exc.exit_code
         raise UsageError(f"run: {exc}") from None
     opts = runcmd.RunOptions(
         command=args.command, policy=args.policy, connect=args.connect, target=target,

@@ -149,23 +149,26 @@ def test_a_grant_fails_when_syslog_goes_away(
 
 
 @pytest.mark.root
-def test_exec_with_syslog_and_no_dev_log_starts_nothing(test_policy: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["exec", "run"])
+def test_syslog_with_no_dev_log_starts_nothing(
+    test_policy: Path, tmp_path: Path, command: str
+) -> None:
     """`--audit-log syslog` where nothing listens on /dev/log: a clear line, exit 69,
     and CMD never runs (in a mount namespace where /dev/log, if any, is dead)."""
     unshare = shutil.which("unshare")
     assert unshare is not None, "util-linux unshare is needed for this test"
     marker = tmp_path / "ran"
     hide = '[ -e /dev/log ] && mount --bind /dev/null /dev/log; exec "$@"'
+    what = ["--listen", "udp:127.0.0.1:1015"] if command == "exec" else []
     result = subprocess.run(
         [unshare, "--mount", "--propagation", "private", "sh", "-c", hide, "sh",
-         PRIVSOCK, "exec", "--policy", str(test_policy), "--user", "nobody",
-         "--listen", "udp:127.0.0.1:1015", "--audit-log", "syslog",
-         "--", "/usr/bin/touch", str(marker)],
+         PRIVSOCK, command, "--policy", str(test_policy), "--user", "nobody", *what,
+         "--audit-log", "syslog", "--", "/usr/bin/touch", str(marker)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == UNAVAILABLE, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("privsock: exec: cannot reach syslog at /dev/log: ")
+    assert lines[0].startswith(f"privsock: {command}: cannot reach syslog at /dev/log: ")
     assert lines[0].endswith("; nothing was started")
     assert not marker.exists()
