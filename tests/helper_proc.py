@@ -9,9 +9,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from privsock.client import HELPER_ENV, default_helper_argv
-from privsock.helper import protocol
+from privsock.helper import auditrecord, protocol
 from privsock.helper.protocol import REPLY_SIZE
 
 
@@ -48,6 +49,14 @@ class RawHelper:
         self.send(data, fds)
         reply, got, _ = self.recv()
         return reply, got
+
+    def audit_lines(self) -> list[dict[str, Any]]:
+        """The audit lines the helper has written so far (each comes before its
+        reply), read without waiting; its other stderr lines are skipped."""
+        assert self.proc.stderr is not None
+        os.set_blocking(self.proc.stderr.fileno(), False)
+        data = self.proc.stderr.read() or b""
+        return [auditrecord.parse(line) for line in data.splitlines() if line.startswith(b"{")]
 
     def wait_ready(self) -> None:
         """Serving starts only after hardening; a PING answered means hardened."""

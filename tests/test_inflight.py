@@ -15,11 +15,10 @@ import termios
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from privsock.helper import auditrecord, protocol
+from privsock.helper import protocol
 from privsock.helper.protocol import Stage, Status, Transport
 
 from .helper_proc import RawHelper
@@ -49,24 +48,6 @@ def helper_read_everything(h: RawHelper) -> None:
 
 def reply_waiting(h: RawHelper) -> None:
     wait_until(lambda: _queued(h.chan, termios.FIONREAD) > 0, "a reply is waiting for us")
-
-
-def audit_lines(h: RawHelper) -> list[dict[str, Any]]:
-    """The audit lines the helper has written so far (it writes each before its reply)."""
-    assert h.proc.stderr is not None
-    fd = h.proc.stderr.fileno()
-    os.set_blocking(fd, False)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    lines = b"".join(chunks).splitlines()
-    return [auditrecord.parse(line) for line in lines if line.startswith(b"{")]
 
 
 def create(rid: int, port: int) -> bytes:
@@ -137,7 +118,7 @@ def test_when_the_users_fds_in_flight_run_out_the_grant_fails_cleanly(helpers) -
     assert decoded.stage is Stage.SEND
     # The audit line of the failed send names the request and the rule, like the
     # grant's own line before it (docs/audit-log.md, reason "send").
-    lines = [r for r in audit_lines(last) if r["id"] == 50]
+    lines = [r for r in last.audit_lines() if r["id"] == 50]
     decisions = [(r["decision"], r["reason"]) for r in lines]
     assert decisions == [("granted", None), ("os_error", "send")]
     failed = lines[1]
