@@ -78,3 +78,14 @@ def test_the_boss_reads_audit_lines_without_a_thread(test_policy: Path) -> None:
         new = [t.name for t in set(threading.enumerate()) - before]
     assert all(name.startswith("privsock-spawner") for name in new), new
     assert lines[-2:] == ["helper", "boss"]
+
+
+def test_recipe_costs_are_the_last_runs() -> None:
+    """docs/recipes.md quotes bench/recipes.py's last run, row by row."""
+    rows = dict(re.findall(r"^\| (.+?) \| (.+?) \|$",
+                           (REPO / "bench" / "RECIPES_LAST_RUN.md").read_text(), re.MULTILINE))
+    recipes = _text(REPO / "docs" / "recipes.md")
+    for row in ("**ratio nginx via privsock / baseline**",
+                "**ratio through systemd-socket-proxyd / baseline**",
+                "start-up added by `privsock exec`", "systemd-socket-proxyd RSS"):
+        assert rows[row] in recipes, f"docs/recipes.md must quote {row}: {rows[row]}"
