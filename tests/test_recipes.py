@@ -26,12 +26,21 @@ PRIVSOCK = str(Path(sys.executable).with_name("privsock"))
 NGINX = "/usr/sbin/nginx"
 PROXYD = "/lib/systemd/systemd-socket-proxyd"
 DOC_DIR = "/run/nginx-privsock"
+# Privileged ports in the test policy that no other test binds: HTTP/1.0
+# servers close first, and their TIME_WAIT would make another test's bind of
+# the same port (without SO_REUSEADDR) fail with EADDRINUSE.
+PORT, BACKEND = 1020, 8021
 
 pytestmark = pytest.mark.root
 
 
 def _block(lang: str, index: int = 0) -> str:
     return re.findall(rf"^```{lang}\n(.*?)^```", RECIPES.read_text(), re.S | re.M)[index]
+
+
+def _local(conf: str, work: Path) -> str:
+    """The documented configuration, on this test's directory and port."""
+    return conf.replace(DOC_DIR, str(work)).replace("0.0.0.0:80", f"127.0.0.1:{PORT}")
 
 
 def _get(port: int, timeout: float = 20.0) -> bytes:
@@ -105,10 +114,10 @@ def test_nginx_takes_its_socket_through_NGINX(
     work.mkdir()
     shutil.chown(work, "privsock")
     conf = work / "privsock.conf"
-    conf.write_text(conf_text.replace(DOC_DIR, str(work)).replace("0.0.0.0:80", "127.0.0.1:80"))
-    nginx = serving(*_exec_argv(test_policy, "tcp:127.0.0.1:80", "privsock"),
+    conf.write_text(_local(conf_text, work))
+    nginx = serving(*_exec_argv(test_policy, f"tcp:127.0.0.1:{PORT}", "privsock"),
                     "env", "NGINX=3;", NGINX, "-e", "stderr", "-c", str(conf))  # fmt: skip
-    reply = _get(80)
+    reply = _get(PORT)
     assert reply.startswith(b"HTTP/1.1 200 OK") and reply.endswith(b"hello\n"), reply
     _unprivileged(nginx.pid)  # exec kept the pid: this is nginx's master
     nginx.terminate()
@@ -126,9 +135,8 @@ def test_nginx_without_NGINX_cannot_bind(
     work.mkdir()
     shutil.chown(work, "privsock")
     conf = work / "privsock.conf"
-    conf.write_text(_block("nginx").replace(DOC_DIR, str(work)).replace("0.0.0.0:80",
-                                                                        "127.0.0.1:80"))
-    nginx = serving(*_exec_argv(test_policy, "tcp:127.0.0.1:80", "privsock"),
+    conf.write_text(_local(_block("nginx"), work))
+    nginx = serving(*_exec_argv(test_policy, f"tcp:127.0.0.1:{PORT}", "privsock"),
                     NGINX, "-e", "stderr", "-c", str(conf))  # fmt: skip
     _, err = nginx.communicate(timeout=30)
     assert nginx.returncode != 0
@@ -145,11 +153,11 @@ def test_socket_proxyd_in_front_of_a_server_without_fd(
     (shared / "index.html").write_text("served by a plain server\n")
     shared.chmod(0o755)
     backend = serving("runuser", "-u", "nobody", "--", sys.executable, "-I", "-m", "http.server",
-                      "--bind", "127.0.0.1", "--directory", str(shared), "8080")  # fmt: skip
-    assert _get(8080).endswith(b"served by a plain server\n")
-    proxy = serving(*_exec_argv(test_policy, "tcp:127.0.0.1:80", "nobody"), PROXYD,
-                    "127.0.0.1:8080")  # fmt: skip
-    reply = _get(80)
+                      "--bind", "127.0.0.1", "--directory", str(shared), str(BACKEND))  # fmt: skip
+    assert _get(BACKEND).endswith(b"served by a plain server\n")
+    proxy = serving(*_exec_argv(test_policy, f"tcp:127.0.0.1:{PORT}", "nobody"), PROXYD,
+                    f"127.0.0.1:{BACKEND}")  # fmt: skip
+    reply = _get(PORT)
     assert reply.startswith(b"HTTP/1.0 200 OK") and reply.endswith(b"served by a plain server\n")
     _unprivileged(proxy.pid)
     assert backend.poll() is None
