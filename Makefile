@@ -43,16 +43,16 @@ test-containers: bootstrap-containers
 	$(PYTEST) -q -m containers
 
 lint: bootstrap-dev
-	$(VENV)/bin/ruff check privsock tests fuzz bench threat-model
+	$(VENV)/bin/ruff check privsock tests fuzz bench mutate
 	$(VENV)/bin/mypy --strict -p privsock
 
 ## Mitigation audit: each mitigation removed in a copy of the tree must make its tests fail.
 audit: bootstrap-containers
-	$(PY) threat-model/audit.py
+	$(PY) -m mutate
 
 ## The mutations whose tests are fast (CI runs this one).
 audit-fast: bootstrap-containers
-	$(PY) threat-model/audit.py --fast
+	$(PY) -m mutate --fast
 
 ## Benchmarks: ratios against baselines measured in the same run.
 bench:

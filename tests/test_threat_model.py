@@ -5,16 +5,15 @@ SECURITY.md's syscall and capability tables match the code."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
 from functools import cache
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from mutate.model import load, mutation_problems, problems
 from privsock.helper.procstatus import CAP_NET_BIND_SERVICE, cap_names
 from privsock.helper.seccomp_filter import ALLOWLIST
 
@@ -27,26 +26,14 @@ MITIGATION_ID = re.compile(r"\bM-[A-Z0-9]+(?:-[A-Z0-9]+)*\b")
 THREAT_ID = re.compile(r"\bT-[A-Z0-9]+(?:-[A-Z0-9]+)*\b")
 
 
-def _load_audit() -> ModuleType:
-    # threat-model/ is not a package (its name has a hyphen); load the file.
-    path = REPO / "threat-model" / "audit.py"
-    spec = importlib.util.spec_from_file_location("threat_audit", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-audit = _load_audit()
-MODEL = audit.load()
+MODEL = load()
 
 
 def test_the_model_is_consistent() -> None:
     # Every threat has a known boundary, STRIDE category, adversaries and at
     # least one mitigation; every mitigation is used, has tests and mutations;
     # every mutation's `old` text occurs exactly once in product source.
-    assert audit.problems(MODEL) == []
+    assert problems(MODEL) == []
 
 
 def test_every_threat_has_a_mitigation_and_every_mitigation_a_test_and_a_mutation() -> None:
@@ -64,10 +51,10 @@ def test_stale_mutation_text_is_reported(tmp_path: Path) -> None:
     target = tmp_path / mutation.edits[0].file
     target.parent.mkdir(parents=True)
     target.write_text("nothing of the original\n")
-    found = audit.mutation_problems(mutation, tmp_path)
+    found = mutation_problems(mutation, tmp_path)
     assert found and "occurs 0 times" in found[0]
     target.write_text(mutation.edits[0].old * 2)
-    assert "occurs 2 times" in audit.mutation_problems(mutation, tmp_path)[0]
+    assert "occurs 2 times" in mutation_problems(mutation, tmp_path)[0]
 
 
 @cache
