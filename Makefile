@@ -29,7 +29,7 @@ run: bootstrap
 
 ## The Debian package: dist/privsock_<version>_all.deb (dpkg-deb only; see deploy/debian/).
 deb:
-	deploy/debian/build
+	deploy/debian/build-deb
 
 ## The whole suite: lint, type check, unit, end-to-end and container tests.
 test: bootstrap-containers lint

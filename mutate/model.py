@@ -27,7 +27,7 @@ ID_PATTERN = {
     "mitigation": re.compile(r"M-[A-Z0-9]+(-[A-Z0-9]+)*\Z"),
 }
 # Mutations change the product, never the tests or the audit itself.
-PRODUCT_ROOTS = ("privsock/", "policy/")
+PRODUCT_ROOTS = ("privsock/", "policy/", "deploy/")
 
 class ModelError(Exception):
     pass

@@ -1,4 +1,4 @@
-"""deploy/debian/build: the package holds what a Debian install needs, built
+"""deploy/debian/build-deb: the package holds what a Debian install needs, built
 the same way twice, and lintian finds nothing. The install itself is
 tests/containers/test_deb_install.py."""
 
@@ -18,7 +18,7 @@ import privsock
 
 from .conftest import REPO
 
-BUILD = REPO / "deploy" / "debian" / "build"
+BUILD = REPO / "deploy" / "debian" / "build-deb"
 VENDOR = REPO / "deploy" / "debian" / "vendor"
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 # pyseccomp 0.1.2's wheel RECORD: the vendored file is exactly that release.
@@ -147,3 +147,28 @@ def test_lintian_is_clean(deb: Path) -> None:
                           text=True, timeout=300, check=False)  # fmt: skip
     tags = [line for line in done.stdout.splitlines() if re.match(r"^[EWIPX]: ", line)]
     assert tags == [], "\n".join(tags)
+
+
+def test_installed_commands_ignore_the_callers_python_environment(
+    deb: Path, tmp_path: Path
+) -> None:
+    """Root runs /usr/bin/privsock and /usr/sbin/privsock-helper: an environment
+    another user can shape (PYTHONPATH kept by sudo, a writable directory in
+    it) must not put code of theirs into the process. Each command is run with
+    a PYTHONPATH whose sitecustomize and privsock package would say so."""
+    root = _extract(deb, tmp_path / "root")
+    evil = tmp_path / "evil"
+    (evil / "privsock" / "helper").mkdir(parents=True)
+    marker = tmp_path / "marker"
+    say = f"open({str(marker)!r}, 'a').write(__name__ + '\\n')\n"
+    (evil / "sitecustomize.py").write_text(say)
+    (evil / "privsock" / "__init__.py").write_text(say)
+    (evil / "privsock" / "cli.py").write_text(say + "def main(): pass\n")
+    (evil / "privsock" / "helper" / "__init__.py").write_text(say)
+    (evil / "privsock" / "helper" / "main.py").write_text(say + "def main(): pass\n")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(evil), "PYTHONSTARTUP": str(evil / "x.py"),
+           "PYTHONINSPECT": "", "PYTHONUSERBASE": str(evil)}  # fmt: skip
+    for cmd in ("usr/bin/privsock", "usr/sbin/privsock-helper"):
+        subprocess.run([str(root / cmd), "--version"], env=env, cwd=evil, capture_output=True,
+                       timeout=30, check=False)  # fmt: skip
+        assert not marker.exists(), f"{cmd} ran {marker.read_text()!r} from PYTHONPATH"

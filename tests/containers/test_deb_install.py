@@ -53,7 +53,7 @@ class Container:
 @pytest.fixture(scope="module")
 def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("deb")
-    subprocess.run([str(REPO / "deploy/debian/build"), str(out)], check=True,
+    subprocess.run([str(REPO / "deploy/debian/build-deb"), str(out)], check=True,
                    capture_output=True, timeout=120)  # fmt: skip
     return out / f"privsock_{__version__}_all.deb"
 
