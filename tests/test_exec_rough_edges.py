@@ -197,6 +197,7 @@ def error_paths(
     script.chmod(0o755)
     listen = ["--listen", "tcp:127.0.0.1:80", "--audit-log", "file:/dev/null"]
     ex = [PRIVSOCK, "exec", "--user", "privsock"]
+    rn = [PRIVSOCK, "run", "--user", "privsock", "--audit-log", "file:/dev/null"]
     return [
         ("denied", [*ex, "--policy", str(good), "--listen", "tcp:0.0.0.0:22", "--", "true"], 77),
         ("not found", [*ex, "--policy", str(good), *listen, "--", "no-such-cmd-9"], 127),
@@ -208,6 +209,11 @@ def error_paths(
         ("no command", [*ex, "--policy", str(good), *listen], 64),
         ("not root", ["setpriv", "--reuid=privsock", "--regid=privsock", "--clear-groups",
                       *ex, "--policy", str(good), *listen, "--", "true"], 77),
+        ("run no policy", [*rn, "--policy", str(tmp_path / "none"), "--", "true"], 66),
+        ("run insecure", [*rn, "--policy", str(insecure), "--", "true"], 78),
+        ("run not found", [*rn, "--policy", str(good), "--", "no-such-cmd-9"], 127),
+        ("run no connect", [PRIVSOCK, "run", "--user", "privsock",
+                            "--connect", str(tmp_path / "none.sock"), "--", "true"], 70),
         ("check insecure", [PRIVSOCK, "check-policy", str(insecure)], 78),
         ("check invalid", [PRIVSOCK, "check-policy", str(invalid)], 65),
         ("check missing", [PRIVSOCK, "check-policy", str(tmp_path / "none")], 66),
@@ -225,6 +231,8 @@ def test_every_cli_error_is_one_line_said_once(
         assert len(lines) == 1, (name, result.stderr)
         assert lines[0].startswith("privsock: "), (name, lines)
         assert _repeats(lines[0]) == [], (name, lines[0])
+        # The start-up failure's own words say that the helper did not start.
+        assert "cannot start the helper" not in lines[0], (name, lines[0])
         assert "Traceback" not in result.stderr
 
 

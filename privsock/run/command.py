@@ -184,7 +184,8 @@ def run(opts: RunOptions, sink: Sink | None) -> int:
         creator.start()
     except HelperStartError as exc:
         code = exc.returncode if exc.returncode in set(Exit) else Exit.SOFTWARE
-        raise RunError(code or Exit.SOFTWARE, f"cannot start the helper: {exc}") from None
+        # "helper did not start (exit N): its own words", said once.
+        raise RunError(code or Exit.SOFTWARE, str(exc).removeprefix("privsock ")) from None
     try:
         env = clean_env(opts.target) if opts.target is not None else dict(os.environ)
         try:
