@@ -192,8 +192,8 @@ def _create(
                 raise ExecError(
                     Exit.NOPERM,
                     f"{listen}: denied by policy (option reuseaddr, which exec asks for on "
-                    'TCP sockets): grant it with options = ["reuseaddr"] in the allow rule, '
-                    "or pass --no-reuseaddr",
+                    'TCP sockets): grant it with options = ["reuseaddr"] in an allow rule for '
+                    "tcp only, or pass --no-reuseaddr",
                 ) from None
             raise
 

@@ -28,9 +28,15 @@ def describe(policy: Policy) -> list[str]:
             line += "; includes wildcard binds to " + " and ".join(map(str, wildcards))
         if Transport.TCP in rule.transports and Option.REUSEADDR not in rule.options:
             # exec's default would be refused with reason "option": say so here first.
+            # A rule that also grants udp cannot carry reuseaddr: tcp needs its own.
+            fix = (
+                'give tcp a rule of its own with options = ["reuseaddr"] (udp cannot have it)'
+                if Transport.UDP in rule.transports
+                else 'add options = ["reuseaddr"]'
+            )
             line += (
                 "; note: privsock exec asks for reuseaddr on TCP sockets, which this rule "
-                'refuses: add options = ["reuseaddr"], or run exec with --no-reuseaddr'
+                f"refuses: {fix}, or run exec with --no-reuseaddr"
             )
         lines.append(line)
     for rule in policy.deny:

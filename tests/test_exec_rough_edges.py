@@ -68,8 +68,8 @@ def test_tcp_without_reuseaddr_names_the_option_and_both_fixes(
     assert result.returncode == Exit.NOPERM and result.stdout == ""
     assert message_lines(result.stderr) == [
         "privsock: exec: tcp:127.0.0.1:8631: denied by policy (option reuseaddr, which exec "
-        'asks for on TCP sockets): grant it with options = ["reuseaddr"] in the allow rule, '
-        "or pass --no-reuseaddr; nothing was started"
+        'asks for on TCP sockets): grant it with options = ["reuseaddr"] in an allow rule for '
+        "tcp only, or pass --no-reuseaddr; nothing was started"
     ]
     # Both fixes work.
     fixed = privsock_exec(

@@ -739,25 +739,31 @@ def test_warnings_name_each_rule_granting_reuseport() -> None:
     assert warnings(parse_policy((POLICY_DIR / "default.toml").read_text())) == []
 
 
+OWN_RULE = 'give tcp a rule of its own with options = ["reuseaddr"] (udp cannot have it)'
+
+
 @pytest.mark.parametrize(
-    ("transports", "options", "noted"),
+    ("transports", "options", "fix"),
     [
-        ('["tcp"]', "[]", True),
-        ('["udp", "tcp"]', '["reuseport"]', True),
-        ('["tcp"]', '["reuseaddr"]', False),
-        ('["udp"]', "[]", False),
+        ('["tcp"]', "[]", 'add options = ["reuseaddr"]'),
+        ('["tcp"]', '["v6only"]', 'add options = ["reuseaddr"]'),
+        ('["udp", "tcp"]', '["reuseport"]', OWN_RULE),
+        ('["udp", "tcp"]', "[]", OWN_RULE),
+        ('["tcp"]', '["reuseaddr"]', None),
+        ('["udp"]', "[]", None),
     ],
 )
 def test_describe_notes_tcp_rules_exec_would_be_refused_by(
-    transports: str, options: str, noted: bool
+    transports: str, options: str, fix: str | None
 ) -> None:
-    policy = parse_policy(doc(rule(transports=transports, options=options)))
+    addresses = '["::/0"]' if "v6only" in options else '["0.0.0.0/0"]'
+    policy = parse_policy(doc(rule(transports=transports, options=options, addresses=addresses)))
     line = describe(policy)[2]
     note = (
         "; note: privsock exec asks for reuseaddr on TCP sockets, which this rule refuses: "
-        'add options = ["reuseaddr"], or run exec with --no-reuseaddr'
+        f"{fix}, or run exec with --no-reuseaddr"
     )
-    assert line.endswith(note) == noted, line
+    assert line.endswith(note) if fix else "note:" not in line, line
 
 
 def test_describe_deny_only() -> None:
