@@ -18,7 +18,7 @@ _LAZY = {
     "PairError": "privsock.allocator",
     "Share": "privsock.allocator",
     "drop_privileges": "privsock.dropall",
-    "DropError": "privsock.dropall",
+    "Refusal": "privsock.helper.exitcodes",
     "CreatorError": "privsock.errors",
     "PolicyDenied": "privsock.errors",
     "RateLimited": "privsock.errors",
@@ -35,7 +35,6 @@ _LAZY = {
 __all__ = [
     "CreatorError",
     "CreatorOSError",
-    "DropError",
     "HelperCannotRestart",
     "HelperDied",
     "HelperRestartLimit",
@@ -46,6 +45,7 @@ __all__ = [
     "PolicyDenied",
     "ProtocolViolation",
     "RateLimited",
+    "Refusal",
     "Share",
     "ShareError",
     "SocketAllocator",
@@ -59,7 +59,6 @@ if TYPE_CHECKING:
     from privsock.allocator import ShareError as ShareError
     from privsock.allocator import SocketAllocator as SocketAllocator
     from privsock.client import SocketCreator as SocketCreator
-    from privsock.dropall import DropError as DropError
     from privsock.dropall import drop_privileges as drop_privileges
     from privsock.errors import (
         CreatorError as CreatorError,
@@ -94,6 +93,7 @@ if TYPE_CHECKING:
     from privsock.errors import (
         RateLimited as RateLimited,
     )
+    from privsock.helper.exitcodes import Refusal as Refusal
 
 
 def __getattr__(name: str) -> Any:

@@ -25,8 +25,8 @@ from typing import NoReturn
 
 from privsock import __version__, auditsink, dropall, execcmd, inspection
 from privsock.client import shutdown_on_signals
-from privsock.helper.exitcodes import Exit
-from privsock.helper.policy_file import PolicyFileError, load_policy
+from privsock.helper.exitcodes import Exit, Refusal
+from privsock.helper.policy_file import load_policy
 from privsock.helper.procstatus import StatusFormatError, parse_status, report
 from privsock.policyview import describe, warnings
 from privsock.run import bindreq
@@ -108,10 +108,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         target = dropall.resolve(args.user, args.group)
         execcmd.find_command(args.command)
         sink = auditsink.open_sink(args.audit_log)
-    except dropall.DropError as exc:
-        print(f"privsock: exec: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except execcmd.ExecError as exc:
+    except Refusal as exc:
         print(f"privsock: exec: {exc}", file=sys.stderr)
         return exc.exit_code
     except auditsink.AuditLogError as exc:
@@ -127,11 +124,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
             command=args.command, backlog=args.backlog, reuseaddr=args.reuseaddr, sink=sink,
             rate_wait=args.rate_wait,
         )  # fmt: skip
-    except dropall.DropError as exc:
+    except Refusal as exc:
         print(f"privsock: exec: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except execcmd.ExecError as exc:
-        print(f"privsock: exec: {exc}; nothing was started", file=sys.stderr)
         return exc.exit_code
     finally:
         sink.close()
@@ -156,7 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         target = dropall.resolve(args.user, args.group) if args.user is not None else None
         sink = auditsink.open_sink(args.audit_log)
-    except dropall.DropError as exc:
+    except Refusal as exc:
         print(f"privsock: run: {exc}", file=sys.stderr)
         return exc.exit_code
     except auditsink.AuditLogError as exc:
@@ -170,7 +164,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     try:
         return runcmd.run(opts, sink)
-    except (dropall.DropError, runcmd.RunError) as exc:
+    except Refusal as exc:
         print(f"privsock: run: {exc}", file=sys.stderr)
         return exc.exit_code
     finally:
@@ -184,7 +178,7 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
         return Exit.NOINPUT
     try:
         policy = load_policy(args.file)
-    except PolicyFileError as exc:
+    except Refusal as exc:
         print(f"privsock: REFUSED: {exc}", file=sys.stderr)
         return exc.exit_code
     print(f"{args.file}: OK, the helper would accept this policy")
@@ -225,7 +219,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"verdict   NOT hardened as privsock promises for a {profile}:")
         for problem in problems:
             print(f"  - {problem}")
-        return 1
+        return Exit.FAILED
     print(f"verdict   {ok}")
     return Exit.OK
 
@@ -329,5 +323,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"privsock: {exc}", file=sys.stderr)
         code = Exit.USAGE
     except KeyboardInterrupt:
-        code = 130
+        code = Exit.INTERRUPTED
     sys.exit(code)

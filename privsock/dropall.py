@@ -21,7 +21,6 @@ and checks /proc/self/task/*/status for each.
 
 from __future__ import annotations
 
-import ctypes
 import grp
 import os
 import pwd
@@ -31,24 +30,17 @@ from dataclasses import dataclass
 import prctl
 
 from privsock import spawner
-from privsock.helper.exitcodes import Exit
+from privsock.helper.caps import (
+    PR_CAP_AMBIENT,
+    PR_CAP_AMBIENT_CLEAR_ALL,
+    PR_CAPBSET_DROP,
+    PR_SET_NO_NEW_PRIVS,
+    cap_last,
+    missing_drop_caps,
+    raw_prctl,
+)
+from privsock.helper.exitcodes import Exit, Refusal
 from privsock.helper.procstatus import CAP_SETS, StatusFormatError, cap_names, parse_status
-
-_PR_CAPBSET_DROP = 24
-_PR_SET_NO_NEW_PRIVS = 38
-_PR_CAP_AMBIENT = 47
-_PR_CAP_AMBIENT_CLEAR_ALL = 4
-_CAP_SETGID, _CAP_SETUID, _CAP_SETPCAP = 6, 7, 8
-
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)
-
-
-class DropError(Exception):
-    """The drop was refused or failed; ``exit_code`` is a sysexits code."""
-
-    def __init__(self, exit_code: int, message: str) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,12 +51,6 @@ class Target:
     uid: int
     gid: int
     home: str
-
-
-def _prctl(option: int, arg2: int) -> None:
-    if _libc.prctl(option, ctypes.c_ulong(arg2), 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise DropError(Exit.OSERR, f"prctl({option}, {arg2}) failed: {os.strerror(err)}")
 
 
 def _read_status() -> str:
@@ -78,15 +64,15 @@ def resolve(user: str, group: str | None) -> Target:
     try:
         pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
     except (KeyError, OverflowError):
-        raise DropError(Exit.NOUSER, f"no such user: {user!r}") from None
+        raise Refusal(Exit.NOUSER, f"no such user: {user!r}") from None
     gid = pw.pw_gid
     if group is not None:
         try:
             gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
         except (KeyError, OverflowError):
-            raise DropError(Exit.NOUSER, f"no such group: {group!r}") from None
+            raise Refusal(Exit.NOUSER, f"no such group: {group!r}") from None
     if pw.pw_uid == 0 or gid == 0:
-        raise DropError(
+        raise Refusal(
             Exit.USAGE,
             f"refusing to run the command as root (--user {user}"
             + (f" --group {group})" if group is not None else ")"),
@@ -100,15 +86,10 @@ def check_privilege(
     """The drop needs root with SETUID, SETGID and SETPCAP; say so before
     anything starts (``not_root``: the message for a non-root caller)."""
     if os.geteuid() != 0:
-        raise DropError(Exit.NOPERM, not_root)
-    status = parse_status(_read_status())
-    missing = [
-        name for bit, name in ((_CAP_SETUID, "CAP_SETUID"), (_CAP_SETGID, "CAP_SETGID"),
-                               (_CAP_SETPCAP, "CAP_SETPCAP"))
-        if not status.caps["CapEff"] >> bit & 1
-    ]  # fmt: skip
+        raise Refusal(Exit.NOPERM, not_root)
+    missing = missing_drop_caps(parse_status(_read_status()).caps["CapEff"])
     if missing:
-        raise DropError(
+        raise Refusal(
             Exit.NOPERM, f"started as root without {', '.join(missing)}: cannot drop privilege"
         )
 
@@ -116,12 +97,10 @@ def check_privilege(
 def _empty_thread_sets() -> None:
     """This thread, while it still holds CAP_SETPCAP: an empty bounding set,
     no inheritable and no ambient capabilities."""
-    with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as f:
-        last = int(f.read())
-    for cap in range(last + 1):
-        _prctl(_PR_CAPBSET_DROP, cap)
+    for cap in range(cap_last() + 1):
+        raw_prctl(PR_CAPBSET_DROP, cap)
     prctl.cap_inheritable.limit()
-    _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
+    raw_prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
 
 
 def _switch_ids(target: Target) -> None:
@@ -136,22 +115,22 @@ def _seal_thread() -> None:
     kernel clears them unless keep-caps was set), and no_new_privs."""
     prctl.cap_effective.limit()
     prctl.cap_permitted.limit()
-    _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+    raw_prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
 def drop(target: Target) -> None:
     """Become target.uid/target.gid with no capability in any set, no
-    supplementary groups and no_new_privs; then verify (DropError if not).
+    supplementary groups and no_new_privs; then verify (Refusal if not).
     Covers the calling thread only: for ``privsock exec``, which execs next."""
     try:
         _empty_thread_sets()
         _switch_ids(target)
         _seal_thread()
     except (OSError, ValueError) as exc:
-        raise DropError(Exit.OSERR, f"dropping to {target.user} failed: {exc}") from None
+        raise Refusal(Exit.OSERR, f"dropping to {target.user} failed: {exc}") from None
     problems = verify(_read_status(), target)
     if problems:
-        raise DropError(
+        raise Refusal(
             Exit.OSERR, "privilege drop not verified, not running the command: "
             + "; ".join(problems),
         )  # fmt: skip
@@ -179,10 +158,10 @@ def drop_privileges(user: str | int, group: str | int | None = None) -> Target:
 
     The bounding set and no_new_privs belong to each thread, so a thread left
     out could regain root by exec'ing a set-uid program. The drop covers the
-    calling thread and privsock's own spawner thread, and raises DropError,
+    calling thread and privsock's own spawner thread, and raises Refusal,
     changing nothing, while the process has any other thread: call it before
     starting threads of your own. Afterwards it reads the status of every
-    thread (/proc/self/task/*/status) and raises DropError unless each shows
+    thread (/proc/self/task/*/status) and raises Refusal unless each shows
     the drop; then the process is half-dropped and should exit.
 
     Helpers already running keep serving. One that dies cannot be restarted
@@ -196,13 +175,13 @@ def drop_privileges(user: str | int, group: str | int | None = None) -> Target:
     target = resolve(str(user), None if group is None else str(group))
     check_privilege(f"privsock.drop_privileges needs root: this is uid {os.geteuid()}")
     if threading.current_thread().name.startswith("privsock-spawner"):
-        raise DropError(Exit.USAGE, "not dropping privileges from privsock's spawner thread")
+        raise Refusal(Exit.USAGE, "not dropping privileges from privsock's spawner thread")
     me = threading.get_native_id()
     ours = {me, spawner.call(threading.get_native_id)}
     others = {tid: name for tid, name in _threads().items() if tid not in ours}
     if others:
         listed = ", ".join(f"{tid} ({name})" for tid, name in sorted(others.items()))
-        raise DropError(
+        raise Refusal(
             Exit.USAGE,
             f"not dropping privileges: this process has {len(others)} other thread(s) "
             f"({listed}); each thread keeps its own bounding set and no_new_privs, so drop "
@@ -215,7 +194,7 @@ def drop_privileges(user: str | int, group: str | int | None = None) -> Target:
         spawner.call(_seal_thread)
         _seal_thread()
     except (OSError, ValueError) as exc:
-        raise DropError(Exit.OSERR, f"dropping to {target.user} failed: {exc}") from None
+        raise Refusal(Exit.OSERR, f"dropping to {target.user} failed: {exc}") from None
     for tid, name in _threads().items():
         try:
             with open(f"/proc/self/task/{tid}/status", encoding="ascii", errors="replace") as f:
@@ -223,7 +202,7 @@ def drop_privileges(user: str | int, group: str | int | None = None) -> Target:
         except FileNotFoundError:
             continue
         if problems:
-            raise DropError(
+            raise Refusal(
                 Exit.OSERR,
                 f"privilege drop not verified for thread {tid} ({name}): " + "; ".join(problems),
             )

@@ -6,7 +6,7 @@ import errno as errno_mod
 import os
 import signal
 
-from privsock.helper.exitcodes import DESCRIPTIONS, Exit
+from privsock.helper.exitcodes import DESCRIPTIONS, HELPER_EXITS, Exit
 from privsock.helper.protocol import Reason, Stage
 
 
@@ -64,10 +64,9 @@ def describe_exit(returncode: int | None) -> str:
             return f"killed by {signal.Signals(sig).name}"
         except ValueError:
             return f"killed by signal {sig}"
-    try:
+    if returncode in HELPER_EXITS:
         return f"exit {returncode}: {DESCRIPTIONS[Exit(returncode)]}"
-    except ValueError:
-        return f"exit {returncode}"
+    return f"exit {returncode}"
 
 
 def _status(returncode: int | None, detail: str) -> str:

@@ -24,7 +24,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -39,25 +40,14 @@ from privsock.errors import (
     RateLimited,
 )
 from privsock.helper import protocol
-from privsock.helper.exitcodes import Exit
+from privsock.helper.exitcodes import HELPER_EXITS, Exit, Refusal
 from privsock.helper.policy import RateLimit
-from privsock.helper.policy_file import PolicyFileError, load_policy
+from privsock.helper.policy_file import load_policy
 from privsock.helper.protocol import Reason, Transport
 
 SD_LISTEN_FDS_START = 3
-EX_UNAVAILABLE = 69  # sysexits: the address is in use or cannot be bound
-EX_TEMPFAIL = 75  # sysexits: rate limited, try again later
-CANNOT_EXECUTE = 126  # as env(1), nohup(1), the shell
+NOTHING_STARTED = "nothing was started"
 DEFAULT_RATE_WAIT = 10.0  # seconds exec waits in all for rate-limit tokens
-NOT_FOUND = 127
-
-
-class ExecError(Exception):
-    """Ends ``privsock exec`` with one line and an exit code."""
-
-    def __init__(self, exit_code: int, message: str) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,40 +109,40 @@ def check_name(name: str) -> str:
 def find_command(command: Sequence[str]) -> str:
     """Refuse a missing or unknown command before anything starts."""
     if not command:
-        raise ExecError(Exit.USAGE, "no command given (put it after --)")
+        raise Refusal(Exit.USAGE, "no command given (put it after --)")
     found = shutil.which(command[0])
     if found is None:
-        raise ExecError(NOT_FOUND, f"command not found: {command[0]!r}")
+        raise Refusal(Exit.NOT_FOUND, f"command not found: {command[0]!r}")
     return found
 
 
-def _exit_code(exc: CreatorError) -> int:
+def _exit_code(exc: CreatorError) -> Exit:
     if isinstance(exc, PolicyDenied):
         return Exit.NOPERM
     if isinstance(exc, RateLimited):
-        return EX_TEMPFAIL
+        return Exit.TEMPFAIL
     if isinstance(exc, CreatorOSError):
-        return EX_UNAVAILABLE
-    if isinstance(exc, HelperStartError) and exc.returncode in set(Exit):
-        return exc.returncode
+        return Exit.UNAVAILABLE
+    if isinstance(exc, HelperStartError) and exc.returncode in HELPER_EXITS:
+        return Exit(exc.returncode)
     return Exit.SOFTWARE
 
 
 def check_rate_limit(policy: str, count: int, rate_wait: float) -> RateLimit | None:
     """The policy's rate limit, read as the helper will read it (None if it
-    cannot be: the helper then says why, once). ExecError at once if ``count``
+    cannot be: the helper then says why, once). Refusal at once if ``count``
     sockets cannot be had within ``rate_wait`` seconds: a fresh helper's bucket
     holds ``burst`` tokens and refills at ``rate`` per second."""
     try:
         limit = load_policy(policy).rate_limit
-    except PolicyFileError:
+    except Refusal:
         return None
     if count <= limit.burst:
         return limit
     need = (count - limit.burst) / limit.rate
     if need > rate_wait:
-        raise ExecError(
-            EX_TEMPFAIL,
+        raise Refusal(
+            Exit.TEMPFAIL,
             f"{count} sockets asked for, but the policy's rate limit gives at most "
             f"{limit.burst} at once and {_rate(limit)} per second after that: the other "
             f"{count - limit.burst} need {need:.1f}s of waiting, more than --rate-wait "
@@ -181,15 +171,15 @@ def _create(
                                   reuseaddr=reuseaddr)  # fmt: skip
         except RateLimited as exc:
             if time.monotonic() + exc.retry_after > deadline:
-                raise ExecError(
-                    EX_TEMPFAIL, f"{listen}: still rate limited when --rate-wait ran out"
+                raise Refusal(
+                    Exit.TEMPFAIL, f"{listen}: still rate limited when --rate-wait ran out"
                 ) from None
             on_wait()
             time.sleep(exc.retry_after)
         except PolicyDenied as exc:
             if reuseaddr and exc.reason is Reason.OPTION:
                 # exec asked for nothing else: the policy lacks reuseaddr for this socket.
-                raise ExecError(
+                raise Refusal(
                     Exit.NOPERM,
                     f"{listen}: denied by policy (option reuseaddr, which exec asks for on "
                     'TCP sockets): grant it with options = ["reuseaddr"] in an allow rule for '
@@ -208,7 +198,7 @@ def acquire(
     rate_wait: float = DEFAULT_RATE_WAIT,
 ) -> list[socket.socket]:
     """Steps 1-3: every socket bound (TCP listening), the helper stopped; or
-    ExecError, with every socket closed and the helper stopped. Waits up to
+    Refusal, with every socket closed and the helper stopped. Waits up to
     ``rate_wait`` seconds in all for rate-limit tokens."""
     limit = check_rate_limit(policy, len(listens), rate_wait)
     socks: list[socket.socket] = []
@@ -235,19 +225,19 @@ def acquire(
                     try:
                         sock.listen(backlog)
                     except OSError as exc:
-                        raise ExecError(
-                            EX_UNAVAILABLE, f"{listen}: listen failed: {exc.strerror}"
+                        raise Refusal(
+                            Exit.UNAVAILABLE, f"{listen}: listen failed: {exc.strerror}"
                         ) from None
     except BaseException as exc:
         for sock in socks:
             sock.close()
         if isinstance(exc, HelperStartError):
             # "helper did not start (exit N): its own words", said once.
-            raise ExecError(_exit_code(exc), str(exc).removeprefix("privsock ")) from None
+            raise Refusal(_exit_code(exc), str(exc).removeprefix("privsock ")) from None
         if isinstance(exc, CreatorError):
-            raise ExecError(_exit_code(exc), str(exc)) from None
+            raise Refusal(_exit_code(exc), str(exc)) from None
         if isinstance(exc, AuditLogError):  # no grant goes unlogged
-            raise ExecError(exc.exit_code, str(exc)) from None
+            raise Refusal(Exit(exc.exit_code), str(exc)) from None
         raise
     return socks
 
@@ -283,6 +273,15 @@ def listen_env(pid: int, names: Sequence[str], target: dropall.Target) -> dict[s
     return env
 
 
+@contextmanager
+def _nothing_started() -> Iterator[None]:
+    """A refusal of exec's own steps (not of the drop) says that nothing ran."""
+    try:
+        yield
+    except Refusal as exc:
+        raise Refusal(exc.exit_code, f"{exc}; {NOTHING_STARTED}") from None
+
+
 def run(
     *,
     policy: str,
@@ -295,12 +294,14 @@ def run(
     sink: Sink,
     rate_wait: float = DEFAULT_RATE_WAIT,
 ) -> NoReturn:
-    """All five steps; returns only by raising ExecError (or exec failing)."""
-    path = find_command(command)
+    """All five steps; returns only by raising Refusal (or exec failing)."""
+    with _nothing_started():
+        path = find_command(command)
     dropall.check_privilege()
-    socks = acquire(
-        policy, listens, backlog=backlog, reuseaddr=reuseaddr, sink=sink, rate_wait=rate_wait
-    )
+    with _nothing_started():
+        socks = acquire(
+            policy, listens, backlog=backlog, reuseaddr=reuseaddr, sink=sink, rate_wait=rate_wait
+        )
     sink.close()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -313,6 +314,6 @@ def run(
     try:
         os.execve(path, list(command), env)  # noqa: S606 (no shell: argv as given)
     except OSError as exc:
-        code = NOT_FOUND if isinstance(exc, FileNotFoundError) else CANNOT_EXECUTE
-        raise ExecError(code, f"cannot run {command[0]!r} as {target.user}: "
-                        f"{exc.strerror}") from None  # fmt: skip
+        code = Exit.NOT_FOUND if isinstance(exc, FileNotFoundError) else Exit.CANNOT_EXECUTE
+        raise Refusal(code, f"cannot run {command[0]!r} as {target.user}: "
+                      f"{exc.strerror}; {NOTHING_STARTED}") from None  # fmt: skip

@@ -122,7 +122,7 @@ worker = threading.Thread(target=stop.wait, name="worker")
 worker.start()
 try:
     privsock.drop_privileges("nobody")
-except privsock.DropError as exc:
+except privsock.Refusal as exc:
     print(json.dumps([str(exc), tasks()]), flush=True)
 stop.set()
 """
@@ -141,8 +141,8 @@ stop.set()
 @pytest.mark.parametrize(
     ("args", "error", "text"),
     [
-        (("no-such-user-xyz",), "DropError", "no such user"),
-        (("root",), "DropError", "as root"),
+        (("no-such-user-xyz",), "Refusal", "no such user"),
+        (("root",), "Refusal", "as root"),
         ((3.5,), "TypeError", "user must be a name or a uid"),
         (("nobody", ["x"]), "TypeError", "group must be"),
     ],
@@ -168,7 +168,7 @@ def test_needs_root() -> None:
 import privsock
 try:
     privsock.drop_privileges("nobody")
-except privsock.DropError as exc:
+except privsock.Refusal as exc:
     print(exc.exit_code, exc)
 """
     out = subprocess.run(

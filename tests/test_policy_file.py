@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from privsock.helper.exitcodes import Exit
-from privsock.helper.policy_file import MAX_POLICY_BYTES, PolicyFileError, load_policy
+from privsock.helper.exitcodes import Exit, Refusal
+from privsock.helper.policy_file import MAX_POLICY_BYTES, load_policy
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("root")]
 
@@ -62,8 +62,8 @@ def write(path: Path, text: str | bytes = GOOD, mode: int = 0o644) -> Path:
     return path
 
 
-def refused(path: Path | str) -> PolicyFileError:
-    with pytest.raises(PolicyFileError) as caught:
+def refused(path: Path | str) -> Refusal:
+    with pytest.raises(Refusal) as caught:
         load_policy(str(path))
     assert "\n" not in str(caught.value)
     return caught.value

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         # 2. Every thread of this process to USER: no capability in any set,
         #    no_new_privs, verified in /proc/self/task/*/status.
         target = privsock.drop_privileges(args.user)
-    except (privsock.CreatorError, privsock.DropError) as exc:
+    except (privsock.CreatorError, privsock.Refusal) as exc:
         print(f"dropped_echo: {exc}", file=sys.stderr)
         sys.exit(1)
     # 3. Serve, unprivileged.

@@ -15,7 +15,6 @@ pdeathsig, and a check that the parent did not die in between.
 
 from __future__ import annotations
 
-import ctypes
 import grp
 import os
 import pwd
@@ -24,32 +23,21 @@ import signal
 
 import prctl
 
-from privsock.helper.exitcodes import Exit
+from privsock.helper.caps import (
+    PR_CAP_AMBIENT,
+    PR_CAP_AMBIENT_CLEAR_ALL,
+    PR_CAPBSET_DROP,
+    cap_last,
+    missing_drop_caps,
+    raw_prctl,
+)
+from privsock.helper.exitcodes import Exit, Refusal
 from privsock.helper.procstatus import CAP_NET_BIND_SERVICE, cap_names
-
-_PR_CAPBSET_DROP = 24
-_PR_CAP_AMBIENT = 47
-_PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 # The most fds the helper ever holds: 0 (channel), 2 (log), one new socket,
 # and room for fds a boss pushes at it, which it closes at once. The kernel drops
 # (and sets MSG_CTRUNC for) any it cannot install under this limit.
 NOFILE_LIMIT = 8
-
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)
-
-
-class HardeningError(Exception):
-    def __init__(self, exit_code: Exit, message: str) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def _raw_prctl(option: int, arg2: int) -> None:
-    if _libc.prctl(option, ctypes.c_ulong(arg2), 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise HardeningError(Exit.OSERR, f"prctl({option}, {arg2}): {os.strerror(err)}")
-
 
 def _cap_set(name: str) -> int:
     """One capability set of this process, e.g. "CapEff", from /proc/self/status."""
@@ -57,29 +45,21 @@ def _cap_set(name: str) -> int:
         for line in f:
             if line.startswith(name + ":"):
                 return int(line.split()[1], 16)
-    raise HardeningError(Exit.OSERR, f"/proc/self/status has no {name} line")
-
-
-def _cap_last() -> int:
-    with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as f:
-        return int(f.read())
+    raise Refusal(Exit.OSERR, f"/proc/self/status has no {name} line")
 
 
 def resolve_ids(user: str, group: str) -> tuple[int, int]:
     try:
         uid = pwd.getpwnam(user).pw_uid
     except KeyError:
-        raise HardeningError(Exit.NOUSER, f"the policy's user {user!r} does not exist") from None
+        raise Refusal(Exit.NOUSER, f"the policy's user {user!r} does not exist") from None
     try:
         gid = grp.getgrnam(group).gr_gid
     except KeyError:
-        raise HardeningError(Exit.NOUSER, f"the policy's group {group!r} does not exist") from None
+        raise Refusal(Exit.NOUSER, f"the policy's group {group!r} does not exist") from None
     if uid == 0 or gid == 0:
-        raise HardeningError(Exit.CONFIG, f"the policy's user/group {user}:{group} is root")
+        raise Refusal(Exit.CONFIG, f"the policy's user/group {user}:{group} is root")
     return uid, gid
-
-
-_CAP_SETGID, _CAP_SETUID, _CAP_SETPCAP = 6, 7, 8
 
 
 def check_privilege() -> bool:
@@ -87,20 +67,16 @@ def check_privilege() -> bool:
     cannot end up with CAP_NET_BIND_SERVICE, and a root without the capabilities
     the drop itself needs (it never serves unhardened instead)."""
     if not _cap_set("CapPrm") >> CAP_NET_BIND_SERVICE & 1:
-        raise HardeningError(
+        raise Refusal(
             Exit.NOPERM,
             "no CAP_NET_BIND_SERVICE: run as root or give CAP_NET_BIND_SERVICE "
             "(systemd AmbientCapabilities=, podman --cap-add=NET_BIND_SERVICE)",
         )
     if os.geteuid() != 0:
         return False
-    eff = _cap_set("CapEff")
-    needed = (
-        (_CAP_SETUID, "CAP_SETUID"), (_CAP_SETGID, "CAP_SETGID"), (_CAP_SETPCAP, "CAP_SETPCAP"),
-    )  # fmt: skip
-    missing = [name for bit, name in needed if not eff >> bit & 1]
+    missing = missing_drop_caps(_cap_set("CapEff"))
     if missing:
-        raise HardeningError(
+        raise Refusal(
             Exit.NOPERM,
             f"started as root without {', '.join(missing)}, so it cannot drop to its user; "
             "add them (they are dropped before serving) or start it as its user "
@@ -139,7 +115,7 @@ def _set_only_bind_caps() -> None:
         ([nbs], [prctl.CAP_INHERITABLE], False),
         ([nbs], [prctl.CAP_PERMITTED, prctl.CAP_EFFECTIVE], True),
     )
-    _raw_prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
+    raw_prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
 
 
 def switch_user(uid: int, gid: int) -> None:
@@ -147,8 +123,8 @@ def switch_user(uid: int, gid: int) -> None:
     try:
         prctl.capbset.limit(prctl.CAP_NET_BIND_SERVICE)
         # python-prctl knows caps up to its build; the kernel may know more.
-        for cap in range(max(prctl.ALL_CAPS) + 1, _cap_last() + 1):
-            _raw_prctl(_PR_CAPBSET_DROP, cap)
+        for cap in range(max(prctl.ALL_CAPS) + 1, cap_last() + 1):
+            raw_prctl(PR_CAPBSET_DROP, cap)
         prctl.set_keepcaps(True)
         os.setgroups([])
         os.setresgid(gid, gid, gid)
@@ -156,7 +132,7 @@ def switch_user(uid: int, gid: int) -> None:
         prctl.set_keepcaps(False)
         _set_only_bind_caps()
     except (OSError, ValueError) as exc:
-        raise HardeningError(Exit.OSERR, f"dropping to uid {uid} gid {gid} failed: {exc}") from exc
+        raise Refusal(Exit.OSERR, f"dropping to uid {uid} gid {gid} failed: {exc}") from exc
 
 
 def keep_user(uid: int, gid: int) -> None:
@@ -164,19 +140,19 @@ def keep_user(uid: int, gid: int) -> None:
     policy's user, and its bounding set must already be the one capability."""
     ids = os.getresuid(), os.getresgid()
     if ids != ((uid,) * 3, (gid,) * 3):
-        raise HardeningError(
+        raise Refusal(
             Exit.CONFIG,
             f"started as uids {ids[0]} gids {ids[1]} without CAP_SETUID, "
             f"but the policy names uid {uid} gid {gid}; start it as that user",
         )
     if set(os.getgroups()) - {gid}:
-        raise HardeningError(
+        raise Refusal(
             Exit.CONFIG,
             f"supplementary groups {os.getgroups()} cannot be dropped without CAP_SETGID",
         )
     extra = _cap_set("CapBnd") & ~(1 << CAP_NET_BIND_SERVICE)
     if extra:
-        raise HardeningError(
+        raise Refusal(
             Exit.OSERR,
             f"the capability bounding set holds more than CAP_NET_BIND_SERVICE "
             f"({','.join(cap_names(extra))}) "
@@ -186,7 +162,7 @@ def keep_user(uid: int, gid: int) -> None:
     try:
         _set_only_bind_caps()
     except (OSError, ValueError) as exc:
-        raise HardeningError(Exit.OSERR, f"setting capabilities failed: {exc}") from exc
+        raise Refusal(Exit.OSERR, f"setting capabilities failed: {exc}") from exc
 
 
 def lock(expected_parent: int) -> None:
@@ -196,7 +172,7 @@ def lock(expected_parent: int) -> None:
         prctl.set_dumpable(False)
         prctl.set_pdeathsig(signal.SIGKILL)
     except OSError as exc:
-        raise HardeningError(Exit.OSERR, f"prctl lock-down failed: {exc}") from exc
+        raise Refusal(Exit.OSERR, f"prctl lock-down failed: {exc}") from exc
     # The parent may have died before pdeathsig was armed; then nobody would kill us.
     if os.getppid() != expected_parent:
-        raise HardeningError(Exit.OSERR, "the parent exited during start-up")
+        raise Refusal(Exit.OSERR, "the parent exited during start-up")

@@ -1,7 +1,8 @@
-"""Exit codes of privsock-helper (and `privsock`), sysexits-style.
+"""Exit codes of privsock-helper and `privsock`, sysexits-style, and the one
+exception that ends either with a code and a line.
 
-Each start-up failure has its own code and one line on stderr, so a
-supervisor, systemd or a test can tell them apart without parsing text.
+Each refusal has its own code and one line on stderr, so a supervisor,
+systemd or a test can tell them apart without parsing text.
 """
 
 from __future__ import annotations
@@ -11,16 +12,28 @@ import enum
 
 class Exit(enum.IntEnum):
     OK = 0  # clean exit: EOF on the channel
+    FAILED = 1  # inspect: the process is not hardened as promised
     USAGE = 64  # EX_USAGE: bad command line
     DATAERR = 65  # EX_DATAERR: the policy file does not parse or validate
     NOINPUT = 66  # EX_NOINPUT: the policy file cannot be opened
     NOUSER = 67  # EX_NOUSER: the policy's user or group does not exist
+    UNAVAILABLE = 69  # EX_UNAVAILABLE: exec: the address is in use or cannot be bound
     SOFTWARE = 70  # EX_SOFTWARE: unexpected error inside the request loop
     OSERR = 71  # EX_OSERR: a hardening step failed, or self-verification found a difference
+    TEMPFAIL = 75  # EX_TEMPFAIL: exec: rate limited, try again later
     PROTOCOL = 76  # EX_PROTOCOL: the channel on fd 0 is not a SOCK_SEQPACKET socket
     NOPERM = 77  # EX_NOPERM: missing privilege (not root, no CAP_NET_BIND_SERVICE)
     CONFIG = 78  # EX_CONFIG: the policy file is insecure, or the process does not fit the policy
+    CANNOT_EXECUTE = 126  # exec: the command cannot be run, as env(1) and the shell say
+    NOT_FOUND = 127  # exec: no such command
+    INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C
 
+
+# The codes privsock-helper itself exits with; the others are the CLI's.
+HELPER_EXITS = frozenset({
+    Exit.OK, Exit.USAGE, Exit.DATAERR, Exit.NOINPUT, Exit.NOUSER, Exit.SOFTWARE, Exit.OSERR,
+    Exit.PROTOCOL, Exit.NOPERM, Exit.CONFIG,
+})  # fmt: skip
 
 DESCRIPTIONS: dict[Exit, str] = {
     Exit.OK: "clean exit (the boss closed the channel)",
@@ -37,3 +50,13 @@ DESCRIPTIONS: dict[Exit, str] = {
         "or the helper was started as another user than the policy's"
     ),
 }
+assert set(DESCRIPTIONS) == HELPER_EXITS
+
+
+class Refusal(Exception):
+    """Ends start-up, a policy check or ``privsock exec`` with one line
+    (``str(e)``) and an exit code."""
+
+    def __init__(self, exit_code: Exit, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

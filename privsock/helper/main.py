@@ -31,9 +31,9 @@ import warnings
 from dataclasses import dataclass
 
 from privsock.helper import auditrecord, drop, protocol, seccomp_filter
-from privsock.helper.exitcodes import Exit
+from privsock.helper.exitcodes import Exit, Refusal
 from privsock.helper.policy import Policy, decide
-from privsock.helper.policy_file import PolicyFileError, load_policy
+from privsock.helper.policy_file import load_policy
 from privsock.helper.procstatus import parse_status, verdict
 from privsock.helper.serve import Session
 
@@ -49,28 +49,22 @@ def _say(message: str) -> None:
         pass  # nobody is listening; the exit code still tells
 
 
-class _Refuse(Exception):
-    def __init__(self, code: Exit, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 def parse_args(argv: list[str]) -> str:
     if len(argv) == 2 and argv[0] == "--policy" and argv[1]:
         return argv[1]
     if len(argv) == 1 and argv[0].startswith("--policy=") and len(argv[0]) > 9:
         return argv[0][9:]
-    raise _Refuse(Exit.USAGE, USAGE)
+    raise Refusal(Exit.USAGE, USAGE)
 
 
 def _channel() -> socket.socket:
     try:
         chan = socket.socket(fileno=0)
     except OSError as exc:
-        raise _Refuse(Exit.PROTOCOL, f"fd 0 is not a socket ({exc.strerror})") from None
+        raise Refusal(Exit.PROTOCOL, f"fd 0 is not a socket ({exc.strerror})") from None
     if chan.family != socket.AF_UNIX or chan.type != socket.SOCK_SEQPACKET:
         chan.detach()
-        raise _Refuse(Exit.PROTOCOL, "fd 0 must be an AF_UNIX SOCK_SEQPACKET socket")
+        raise Refusal(Exit.PROTOCOL, "fd 0 must be an AF_UNIX SOCK_SEQPACKET socket")
     return chan
 
 
@@ -117,18 +111,15 @@ class _Locked:
 
 
 def harden(policy_path: str, expected_parent: int) -> Hardened:
-    """Steps 1-8. Returns the channel, the policy and our pid, or raises _Refuse."""
-    try:
-        root_start = drop.check_privilege()
-        chan = _channel()
-    except drop.HardeningError as exc:
-        raise _Refuse(exc.exit_code, str(exc)) from None
+    """Steps 1-8. Returns the channel, the policy and our pid, or raises Refusal."""
+    root_start = drop.check_privilege()
+    chan = _channel()
     try:
         locked = _drop_and_lock(policy_path, expected_parent, root_start)
         try:
             seccomp_filter.load()
         except OSError as exc:
-            raise _Refuse(Exit.OSERR, f"loading the seccomp filter failed: {exc}") from None
+            raise Refusal(Exit.OSERR, f"loading the seccomp filter failed: {exc}") from None
         # From here on: no file opens. The status fd was opened before the filter.
         status = os.read(seccomp_filter.STATUS_FD, 8192).decode("ascii", "replace")
         os.close(seccomp_filter.STATUS_FD)
@@ -136,7 +127,7 @@ def harden(policy_path: str, expected_parent: int) -> Hardened:
         problems = verdict(parse_status(status), uid=locked.uid, gid=locked.gid,
                            seccomp_filters=locked.filters + 1)  # fmt: skip
         if problems:
-            raise _Refuse(Exit.OSERR, "not hardened as promised, refusing to serve: "
+            raise Refusal(Exit.OSERR, "not hardened as promised, refusing to serve: "
                           + "; ".join(problems))  # fmt: skip
     except BaseException:
         # An unclosed socket object warns on collection, and the warning's repr
@@ -149,10 +140,7 @@ def harden(policy_path: str, expected_parent: int) -> Hardened:
 def _drop_and_lock(policy_path: str, expected_parent: int, root_start: bool) -> _Locked:
     """Steps 2-6."""
     try:
-        try:
-            policy = load_policy(policy_path)
-        except PolicyFileError as exc:
-            raise _Refuse(exc.exit_code, str(exc)) from None
+        policy = load_policy(policy_path)
         uid, gid = drop.resolve_ids(policy.user, policy.group)
         drop.close_fds(keep=(0, 2))
         drop.set_rlimits()
@@ -166,16 +154,14 @@ def _drop_and_lock(policy_path: str, expected_parent: int, root_start: bool) -> 
         with open("/proc/self/status", encoding="ascii") as f:
             filters = parse_status(f.read()).seccomp_filters
         if filters is None:
-            raise _Refuse(Exit.OSERR, "the kernel does not report Seccomp_filters in "
+            raise Refusal(Exit.OSERR, "the kernel does not report Seccomp_filters in "
                           "/proc/self/status, so the helper cannot prove its filter")  # fmt: skip
         fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
         os.dup2(fd, seccomp_filter.STATUS_FD, inheritable=False)
         os.close(fd)
         drop.limit_nofile()
-    except drop.HardeningError as exc:
-        raise _Refuse(exc.exit_code, str(exc)) from None
     except OSError as exc:
-        raise _Refuse(Exit.OSERR, f"hardening failed: {exc}") from None
+        raise Refusal(Exit.OSERR, f"hardening failed: {exc}") from None
     return _Locked(policy, pid, uid, gid, filters)
 
 
@@ -189,9 +175,9 @@ def run(argv: list[str]) -> int:
     try:
         policy_path = parse_args(argv)
         hardened = harden(policy_path, expected_parent)
-    except _Refuse as exc:
+    except Refusal as exc:
         _say(str(exc))
-        return exc.code
+        return exc.exit_code
     chan, policy, pid = hardened.chan, hardened.policy, hardened.pid
     _say(f"hardened, serving (pid {pid}, policy {policy_path})")
     try:

@@ -22,7 +22,7 @@ is then opened and no check-then-open race is left:
 4. it reads at most 64 KiB, decodes strict UTF-8 and parses it (privsock.helper.policy).
 
 Together this means only root can change what the path names. Every failure is a
-PolicyFileError with a one-line message naming the path as walked (symlinks
+Refusal (privsock.helper.exitcodes) with a one-line message naming the path as walked (symlinks
 replaced by their targets) and an exit code: NOINPUT when something cannot be
 opened or read or the file is not a regular file, CONFIG when it, a symlink or a
 directory on the way is insecure, DATAERR when it is too large, not UTF-8, or not
@@ -36,7 +36,7 @@ import json
 import os
 import stat
 
-from privsock.helper.exitcodes import Exit
+from privsock.helper.exitcodes import Exit, Refusal
 from privsock.helper.policy import Policy
 from privsock.helper.policyparse import PolicyError, parse_policy
 
@@ -53,16 +53,8 @@ _DIRECTORY_RULE = (
 _SYMLINK_RULE = "a symlink on the way to the policy must be owned by root"
 
 
-class PolicyFileError(Exception):
-    """The policy file cannot be used. ``str(e)`` is one line; ``exit_code`` says why."""
-
-    def __init__(self, message: str, exit_code: Exit) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
 def load_policy(path: str) -> Policy:
-    """Read, check and parse the policy at ``path``; raises PolicyFileError only."""
+    """Read, check and parse the policy at ``path``; raises Refusal only."""
     fd, walked = _open_checked(path)
     shown = _shown(walked)
     try:
@@ -73,20 +65,20 @@ def load_policy(path: str) -> Policy:
     try:
         text = data.decode("utf-8", errors="strict")
     except UnicodeDecodeError as e:
-        raise PolicyFileError(
-            f"{shown} is not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start})",
+        raise Refusal(
             Exit.DATAERR,
+            f"{shown} is not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start})",
         ) from None
     try:
         return parse_policy(text, walked)
     except PolicyError as e:
-        raise PolicyFileError(str(e), Exit.DATAERR) from None
+        raise Refusal(Exit.DATAERR, str(e)) from None
 
 
 def _open_checked(path: str) -> tuple[int, str]:
     """Walk ``path`` from / as described above; the open file and the path walked."""
     if not path:
-        raise PolicyFileError("the policy path is empty", Exit.NOINPUT)
+        raise Refusal(Exit.NOINPUT, "the policy path is empty")
     walk = _Walk(path if path.startswith("/") else os.getcwd() + "/" + path)
     try:
         return walk.run()
@@ -106,8 +98,9 @@ class _Walk:
 
     def run(self) -> tuple[int, str]:
         if not self.todo or self.todo[0] == ".." or self.path.endswith(("/", "/.")):
-            raise PolicyFileError(
-                f"{_shown(self.path)} names a directory, not a regular file", Exit.NOINPUT
+            raise Refusal(
+                Exit.NOINPUT,
+                f"{_shown(self.path)} names a directory, not a regular file",
             )
         while True:
             name = self.todo.pop()
@@ -135,23 +128,21 @@ class _Walk:
                 target = self._symlink(fd, st, here)
             elif last:
                 # It was a symlink when the open above failed; it was replaced since.
-                raise PolicyFileError(f"{_shown(here)} changed while it was opened", Exit.CONFIG)
+                raise Refusal(Exit.CONFIG, f"{_shown(here)} changed while it was opened")
             elif stat.S_ISDIR(st.st_mode):
                 _check_directory(here, st)
                 self.stack.append((fd, here))
                 fd = -1  # the stack owns it now
                 return
             else:
-                raise PolicyFileError(f"{_shown(here)} is not a directory", Exit.NOINPUT)
+                raise Refusal(Exit.NOINPUT, f"{_shown(here)} is not a directory")
         finally:
             if fd >= 0:
                 os.close(fd)
         parts = _components(target)
         names_directory = not parts or parts[0] == ".." or target.endswith(("/", "/."))
         if not target or (last and names_directory):
-            raise PolicyFileError(
-                f"{_shown(here)} -> {_shown(target)} does not name a file", Exit.NOINPUT
-            )
+            raise Refusal(Exit.NOINPUT, f"{_shown(here)} -> {_shown(target)} does not name a file")
         self.todo += parts
         if target.startswith("/"):
             while len(self.stack) > 1:
@@ -161,13 +152,14 @@ class _Walk:
         """The target of the symlink open at ``fd``, if it may be followed."""
         self.symlinks += 1
         if self.symlinks > MAX_SYMLINKS:
-            raise PolicyFileError(
-                f"{_shown(self.path)}: more than {MAX_SYMLINKS} symlinks on the way", Exit.NOINPUT
+            raise Refusal(
+                Exit.NOINPUT,
+                f"{_shown(self.path)}: more than {MAX_SYMLINKS} symlinks on the way",
             )
         if st.st_uid != 0:
-            raise PolicyFileError(
-                f"{_shown(here)} is a symlink owned by uid {st.st_uid}; {_SYMLINK_RULE}",
+            raise Refusal(
                 Exit.CONFIG,
+                f"{_shown(here)} is a symlink owned by uid {st.st_uid}; {_SYMLINK_RULE}",
             )
         try:
             return os.readlink("", dir_fd=fd)  # readlinkat on the descriptor checked
@@ -190,7 +182,7 @@ def _open_directory(dir_fd: int | None, name: str, shown: str) -> int:
     try:
         st = os.fstat(fd)
         if not stat.S_ISDIR(st.st_mode):
-            raise PolicyFileError(f"{_shown(shown)} is not a directory", Exit.NOINPUT)
+            raise Refusal(Exit.NOINPUT, f"{_shown(shown)} is not a directory")
         _check_directory(shown, st)
     except BaseException:
         os.close(fd)
@@ -205,37 +197,33 @@ def _open_path(dir_fd: int | None, name: str, shown: str) -> int:
         raise _cannot("open", shown, e) from None
 
 
-def _cannot(what: str, shown: str, e: OSError) -> PolicyFileError:
-    return PolicyFileError(f"{_shown(shown)}: cannot {what}: {e.strerror}", Exit.NOINPUT)
+def _cannot(what: str, shown: str, e: OSError) -> Refusal:
+    return Refusal(Exit.NOINPUT, f"{_shown(shown)}: cannot {what}: {e.strerror}")
 
 
 def _check_file(shown: str, st: os.stat_result) -> None:
     if not stat.S_ISREG(st.st_mode):
-        raise PolicyFileError(
-            f"{shown} is {_file_type(st.st_mode)}, not a regular file", Exit.NOINPUT
-        )
+        raise Refusal(Exit.NOINPUT, f"{shown} is {_file_type(st.st_mode)}, not a regular file")
     if st.st_uid != 0:
-        raise PolicyFileError(f"{shown} is owned by uid {st.st_uid}; {_FILE_RULE}", Exit.CONFIG)
+        raise Refusal(Exit.CONFIG, f"{shown} is owned by uid {st.st_uid}; {_FILE_RULE}")
     writers = _writers(st.st_mode)
     if writers:
-        raise PolicyFileError(
-            f"{shown} is writable by {writers} (mode {stat.S_IMODE(st.st_mode):04o}); {_FILE_RULE}",
+        raise Refusal(
             Exit.CONFIG,
+            f"{shown} is writable by {writers} (mode {stat.S_IMODE(st.st_mode):04o}); {_FILE_RULE}",
         )
 
 
 def _check_directory(directory: str, st: os.stat_result) -> None:
     shown = _shown(directory)
     if st.st_uid != 0:
-        raise PolicyFileError(
-            f"{shown} is owned by uid {st.st_uid}; {_DIRECTORY_RULE}", Exit.CONFIG
-        )
+        raise Refusal(Exit.CONFIG, f"{shown} is owned by uid {st.st_uid}; {_DIRECTORY_RULE}")
     writers = _writers(st.st_mode)
     if writers and not st.st_mode & stat.S_ISVTX:
-        raise PolicyFileError(
+        raise Refusal(
+            Exit.CONFIG,
             f"{shown} is writable by {writers} (mode {stat.S_IMODE(st.st_mode):04o}); "
             f"{_DIRECTORY_RULE}",
-            Exit.CONFIG,
         )
 
 
@@ -246,13 +234,13 @@ def _read(fd: int, shown: str) -> bytes:
         try:
             chunk = os.read(fd, MAX_POLICY_BYTES + 1 - len(data))
         except OSError as e:
-            raise PolicyFileError(f"{shown}: cannot read: {e.strerror}", Exit.NOINPUT) from None
+            raise Refusal(Exit.NOINPUT, f"{shown}: cannot read: {e.strerror}") from None
         if not chunk:
             return data
         data += chunk
-    raise PolicyFileError(
-        f"{shown} is larger than {MAX_POLICY_BYTES} bytes, the most a policy may be",
+    raise Refusal(
         Exit.DATAERR,
+        f"{shown} is larger than {MAX_POLICY_BYTES} bytes, the most a policy may be",
     )
 
 

@@ -29,22 +29,15 @@ from privsock import dropall
 from privsock.auditsink import Sink
 from privsock.client import SocketCreator
 from privsock.errors import HelperStartError
-from privsock.helper.exitcodes import Exit
+from privsock.helper.exitcodes import HELPER_EXITS, Exit, Refusal
 from privsock.run import bindreq, kernel, launch
 from privsock.run.supervise import Supervisor
 
-EX_UNAVAILABLE = 69  # sysexits: the kernel cannot do this
 FORWARDED = (
     signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1,
     signal.SIGUSR2, signal.SIGWINCH,
 )  # fmt: skip
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
-
-
-class RunError(Exception):
-    def __init__(self, exit_code: int, message: str) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +85,7 @@ def drop_supervisor(target: dropall.Target) -> None:
 def make_undumpable() -> None:
     kernel.prctl(kernel.PR_SET_DUMPABLE, 0)
     if kernel.prctl(kernel.PR_GET_DUMPABLE, 0) != 0:
-        raise RunError(Exit.OSERR, "could not make the supervisor non-dumpable")
+        raise Refusal(Exit.OSERR, "could not make the supervisor non-dumpable")
 
 
 def _children() -> set[int]:
@@ -163,42 +156,39 @@ def serve(sup: Supervisor, cmd_pid: int) -> int:
 
 
 def run(opts: RunOptions, sink: Sink | None) -> int:
-    """The whole command; RunError for anything that stops it before CMD runs."""
+    """The whole command; Refusal for anything that stops it before CMD runs."""
     try:
         arch = kernel.arch()
         kernel.probe(arch)
     except kernel.KernelTooOld as exc:
-        raise RunError(EX_UNAVAILABLE, f"this kernel cannot run it: {exc}") from None
+        raise Refusal(Exit.UNAVAILABLE, f"this kernel cannot run it: {exc}") from None
     root_start = opts.policy is not None
     if root_start:
         if os.geteuid() != 0:
-            raise RunError(Exit.NOPERM, "--policy starts the helper and needs root; "
+            raise Refusal(Exit.NOPERM, "--policy starts the helper and needs root; "
                            "as an ordinary user, use --connect PATH")  # fmt: skip
         dropall.check_privilege("privsock run --policy")
     elif opts.target is None and os.geteuid() == 0:
-        raise RunError(Exit.USAGE, "refusing to run the command as root: give --user")
+        raise Refusal(Exit.USAGE, "refusing to run the command as root: give --user")
     # Orphans of CMD come to us, so that daemonizing programs stay served.
     kernel.prctl(kernel.PR_SET_CHILD_SUBREAPER, 1)
     creator = SocketCreator(opts.policy, connect=opts.connect, audit_sink=sink)
     try:
         creator.start()
     except HelperStartError as exc:
-        code = exc.returncode if exc.returncode in set(Exit) else Exit.SOFTWARE
+        code = Exit(exc.returncode) if exc.returncode in HELPER_EXITS else Exit.SOFTWARE
         # "helper did not start (exit N): its own words", said once.
-        raise RunError(code or Exit.SOFTWARE, str(exc).removeprefix("privsock ")) from None
+        raise Refusal(code or Exit.SOFTWARE, str(exc).removeprefix("privsock ")) from None
     try:
         env = clean_env(opts.target) if opts.target is not None else dict(os.environ)
-        try:
-            launched = launch.spawn(arch, opts.command, env, opts.target)
-        except launch.LaunchError as exc:
-            raise RunError(exc.exit_code, str(exc)) from None
+        launched = launch.spawn(arch, opts.command, env, opts.target)
         try:
             if opts.target is not None:
                 drop_supervisor(opts.target)
             else:
                 kernel.prctl(kernel.PR_SET_NO_NEW_PRIVS, 1)
             make_undumpable()
-        except (dropall.DropError, RunError, OSError):
+        except (Refusal, OSError):
             os.kill(launched.pid, signal.SIGKILL)
             os.waitpid(launched.pid, 0)
             raise

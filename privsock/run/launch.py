@@ -29,20 +29,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from privsock import dropall
-from privsock.helper.exitcodes import Exit
+from privsock.helper.exitcodes import Exit, Refusal
 from privsock.run import kernel
 
-EX_UNAVAILABLE = 69  # sysexits: the service (here: the kernel's) is unavailable
-NOT_FOUND = 127
-CANNOT_EXECUTE = 126
 PDEATHSIG = signal.SIGTERM
 START_TIMEOUT = 30.0
-
-
-class LaunchError(Exception):
-    def __init__(self, exit_code: int, message: str) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +71,10 @@ def _child(
     except OSError as exc:
         if exc.errno != errno.EBUSY:
             raise
-        _report(chan, EX_UNAVAILABLE, "another seccomp listener already watches this process "
+        _report(chan, Exit.UNAVAILABLE, "another seccomp listener already watches this process "
                 "(privsock run, LXD's syscall interception, a container's notifier): "
                 "privsock run cannot nest under it")  # fmt: skip
-        os._exit(EX_UNAVAILABLE)
+        os._exit(Exit.UNAVAILABLE)
     chan.sendmsg([b"L"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                            array.array("i", [listener]).tobytes())])  # fmt: skip
     os.close(listener)
@@ -92,12 +83,12 @@ def _child(
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
     found = shutil.which(command[0], path=path) if "/" not in command[0] else command[0]
     if found is None:
-        _report(chan, NOT_FOUND, f"command not found: {command[0]!r} (PATH={path})")
-        os._exit(NOT_FOUND)
+        _report(chan, Exit.NOT_FOUND, f"command not found: {command[0]!r} (PATH={path})")
+        os._exit(Exit.NOT_FOUND)
     try:
         os.execve(found, list(command), dict(env))  # noqa: S606 (argv as given, no shell)
     except OSError as exc:
-        code = NOT_FOUND if isinstance(exc, FileNotFoundError) else CANNOT_EXECUTE
+        code = Exit.NOT_FOUND if isinstance(exc, FileNotFoundError) else Exit.CANNOT_EXECUTE
         who = target.user if target is not None else "this user"
         _report(chan, code, f"cannot run {found!r} as {who}: {exc.strerror}")
         os._exit(code)
@@ -110,7 +101,7 @@ def spawn(
     target: dropall.Target | None,
 ) -> Launched:
     """Fork and exec the program under the filter; return its pid and the
-    listener once the exec has happened. LaunchError (the child reaped) if
+    listener once the exec has happened. Refusal (the child reaped) if
     any step before the exec failed."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sys.stdout.flush()
@@ -122,7 +113,7 @@ def spawn(
         ours.close()
         try:
             _child(theirs, arch, command, env, target, supervisor, path)
-        except dropall.DropError as exc:
+        except Refusal as exc:
             _report(theirs, exc.exit_code, str(exc))
         except BaseException as exc:
             _report(theirs, Exit.OSERR, f"cannot start the command: {exc}")
@@ -133,7 +124,7 @@ def spawn(
         try:
             listener = _receive_listener(ours)
             _wait_exec(ours)
-        except LaunchError:
+        except Refusal:
             _reap(pid)
             raise
         except BaseException:
@@ -147,7 +138,7 @@ def _receive_listener(chan: socket.socket) -> int:
     try:
         data, anc, _flags, _ = chan.recvmsg(4096, socket.CMSG_SPACE(4))
     except TimeoutError:
-        raise LaunchError(Exit.SOFTWARE, "the command did not start in time") from None
+        raise Refusal(Exit.SOFTWARE, "the command did not start in time") from None
     fds = array.array("i")
     for level, kind, raw in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -163,17 +154,19 @@ def _wait_exec(chan: socket.socket) -> None:
     try:
         data = chan.recv(4096)
     except TimeoutError:
-        raise LaunchError(Exit.SOFTWARE, "the command did not start in time") from None
+        raise Refusal(Exit.SOFTWARE, "the command did not start in time") from None
     if data:
         raise _failure(data)
 
 
-def _failure(data: bytes) -> LaunchError:
+def _failure(data: bytes) -> Refusal:
     if data.startswith(b"E") and b":" in data:
         code, _, message = data[1:].partition(b":")
         if code.isdigit():
-            return LaunchError(int(code), message.decode("utf-8", "replace"))
-    return LaunchError(Exit.SOFTWARE, "the command's start-up ended without a word")
+            known = int(code) in set(Exit)
+            return Refusal(Exit(int(code)) if known else Exit.SOFTWARE,
+                           message.decode("utf-8", "replace"))  # fmt: skip
+    return Refusal(Exit.SOFTWARE, "the command's start-up ended without a word")
 
 
 def _reap(pid: int) -> None:
