@@ -982,3 +982,30 @@ def test_exec_inside_the_program_keeps_the_filter(test_policy: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["bound", "bound"]
+
+
+NETNS = textwrap.dedent(r"""
+    import os, socket, subprocess
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 80))  # root of its own user namespace: its own bind
+    s.listen()
+    c = socket.create_connection(("127.0.0.1", 80), timeout=5)
+    print("reached its own socket", flush=True)
+""")
+
+
+def test_a_program_in_its_own_network_namespace_binds_there(test_policy: Path) -> None:
+    """A program that made a user and network namespace of its own may bind 80
+    there itself; a socket from the helper would live in the host's namespace
+    instead, where its own clients cannot reach it."""
+    probe = subprocess.run(["unshare", "-Urn", "true"], user="nobody", capture_output=True,
+                           check=False)  # fmt: skip
+    if probe.returncode != 0:
+        pytest.skip("unprivileged user namespaces are not available here")
+    result = subprocess.run(
+        privsock_run(test_policy, "unshare", "-Urn", PY, "-c", NETNS),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "reached its own socket\n"
