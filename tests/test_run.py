@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import pwd
+import select
 import shutil
 import signal
 import socket
@@ -733,13 +734,18 @@ def test_connect_as_root_without_user_is_refused(activated_helper: Path) -> None
 # The terminal, and a notification whose caller is gone.
 
 TERMINAL = textwrap.dedent(r"""
-    import errno, fcntl, json, os, termios
-    r = {"own_session": os.getsid(0) == os.getpid()}
-    try:
-        fcntl.ioctl(0, termios.TIOCSTI, b"x")
-        r["tiocsti"] = "pushed"
-    except OSError as exc:
-        r["tiocsti"] = errno.errorcode[exc.errno]
+    import errno, fcntl, json, os, select, termios
+    # What can be read on stdin within 2 s: /dev/null says end of file at once.
+    ready = select.select([0], [], [], 2)[0]
+    r = {"own_session": os.getsid(0) == os.getpid(),
+         "isatty": [os.isatty(fd) for fd in range(3)],
+         "stdin": os.read(0, 100).decode() if ready else "nothing within 2 s"}
+    for fd in (0, 1, 2):
+        try:
+            fcntl.ioctl(fd, termios.TIOCSTI, b"x")
+            r[f"tiocsti_{fd}"] = "pushed"
+        except OSError as exc:
+            r[f"tiocsti_{fd}"] = errno.errorcode[exc.errno]
     try:
         os.close(os.open("/dev/tty", os.O_RDWR))
         r["dev_tty"] = "opened"
@@ -749,14 +755,21 @@ TERMINAL = textwrap.dedent(r"""
 """)
 
 
-def test_the_program_cannot_push_input_into_the_terminal(test_policy: Path) -> None:
+def test_the_program_gets_no_terminal(test_policy: Path) -> None:
+    """Started from a terminal (a real pty here), the program has no
+    controlling terminal and no terminal fd: it cannot push input into the
+    terminal (TIOCSTI), read what is typed there, or change its settings. Its
+    output still reaches the terminal, through the supervisor."""
     argv = privsock_run(test_policy, PY, "-c", TERMINAL)
     pid, master = pty.fork()
     if pid == 0:  # pragma: no cover (the child: privsock run on a terminal of its own)
         os.execv(argv[0], argv)
+    os.write(master, b"typed secret\n")
     chunks = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
+        if not select.select([master], [], [], 1)[0]:
+            continue
         try:
             chunk = os.read(master, 4096)
         except OSError:
@@ -765,12 +778,15 @@ def test_the_program_cannot_push_input_into_the_terminal(test_policy: Path) -> N
             break
         chunks.append(chunk)
     os.close(master)
+    if time.monotonic() >= deadline:
+        os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
     text = b"".join(chunks).decode(errors="replace")
     assert os.waitstatus_to_exitcode(status) == 0, text
     line = next(x for x in text.splitlines() if x.startswith("RESULT"))
     assert json.loads(line[len("RESULT"):]) == {
-        "own_session": True, "tiocsti": "EPERM", "dev_tty": "ENXIO",
+        "own_session": True, "isatty": [False, False, False], "stdin": "",
+        "tiocsti_0": "ENOTTY", "tiocsti_1": "ENOTTY", "tiocsti_2": "ENOTTY", "dev_tty": "ENXIO",
     }  # fmt: skip
 
 

@@ -88,6 +88,69 @@ def make_undumpable() -> None:
         raise Refusal(Exit.OSERR, "could not make the supervisor non-dumpable")
 
 
+class Terminal:
+    """Keeps the program away from the terminal privsock run was started on, as
+    ``su --pty`` and sudo's ``use_pty`` keep a command from it: a terminal
+    stdin becomes /dev/null for the program, a terminal stdout or stderr a
+    pipe whose other end the supervisor copies to the terminal. Stdio that is
+    not a terminal (a file, a pipe, a journal stream) is passed unchanged."""
+
+    def __init__(self) -> None:
+        self.child: dict[int, int] = {}  # the program's fd -> what it gets
+        self.relays: dict[int, int] = {}  # pipe read end -> our fd it goes to
+        if _isatty(0):
+            self.child[0] = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        for fd in (1, 2):
+            if _isatty(fd):
+                r, w = os.pipe2(os.O_CLOEXEC)
+                self.child[fd] = w
+                self.relays[r] = fd
+
+    def started(self) -> None:
+        """The program has its copies: close ours."""
+        for fd in self.child.values():
+            os.close(fd)
+        self.child.clear()
+
+    def copy(self, r: int) -> bool:
+        """Pass on what the program wrote; False at its end."""
+        try:
+            data = os.read(r, 65536)
+        except BlockingIOError:
+            return True
+        if not data:
+            os.close(r)
+            del self.relays[r]
+            return False
+        try:
+            os.write(self.relays[r], data)
+        except OSError:
+            pass  # the terminal is gone; keep draining so the program never blocks
+        return True
+
+    def drain(self) -> None:
+        """At the end: what is left in the pipes, without waiting for writers
+        that outlive the program (a daemon holding the pipe)."""
+        for r in list(self.relays):
+            os.set_blocking(r, False)
+            while r in self.relays and self.copy(r):
+                try:
+                    if not select.select([r], [], [], 0)[0]:
+                        break
+                except OSError:
+                    break
+        for r in list(self.relays):
+            os.close(r)
+        self.relays.clear()
+
+
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
 def _children() -> set[int]:
     kids: set[int] = set()
     for tid in os.listdir("/proc/self/task"):
@@ -99,7 +162,68 @@ def _children() -> set[int]:
     return kids
 
 
-def serve(sup: Supervisor, cmd_pid: int) -> int:
+class _Loop:
+    """The supervisor's one thread: notifications, signals (through Python's
+    wakeup fd), children to reap, and the terminal's pipes, in one poll."""
+
+    def __init__(self, sup: Supervisor, cmd_pid: int, terminal: Terminal | None) -> None:
+        self.sup, self.cmd_pid, self.terminal = sup, cmd_pid, terminal
+        self.status: int | None = None  # CMD's, once reaped
+        self.hung_up = False  # nothing left under the filter (or told to leave)
+        self.poller = select.poll()
+        self.poller.register(sup.listener, select.POLLIN)
+        for r in terminal.relays if terminal is not None else ():
+            self.poller.register(r, select.POLLIN)
+
+    def reap(self) -> None:
+        for pid in _children() - {self.sup.creator.pid or -1}:
+            try:
+                done, st = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if done == self.cmd_pid:
+                self.status = os.waitstatus_to_exitcode(st)
+
+    def on_signals(self, signums: bytes) -> None:
+        for signum in signums:
+            if signum == signal.SIGCHLD:
+                self.reap()
+            elif self.status is None:
+                os.kill(self.cmd_pid, signum)
+            elif signum in (signal.SIGINT, signal.SIGTERM):
+                self.hung_up = True  # CMD is gone; leave what it left behind
+
+    def on_listener(self, ev: int) -> None:
+        if ev & select.POLLIN:
+            try:
+                n = kernel.recv(self.sup.listener)
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    return  # the caller went away before we looked
+                raise
+            self.sup.handle(n)
+        elif ev & (select.POLLHUP | select.POLLERR):
+            self.hung_up = True
+            self.poller.unregister(self.sup.listener)
+
+    def run(self, wake_r: int) -> int:
+        self.poller.register(wake_r, select.POLLIN)
+        relays = self.terminal.relays if self.terminal is not None else {}
+        self.reap()
+        while self.status is None or not self.hung_up:
+            for fd, ev in self.poller.poll():
+                if fd == wake_r:
+                    self.on_signals(os.read(wake_r, 512))
+                elif fd in relays:
+                    assert self.terminal is not None
+                    if not self.terminal.copy(fd):
+                        self.poller.unregister(fd)
+                else:
+                    self.on_listener(ev)
+        return self.status if self.status >= 0 else 128 - self.status
+
+
+def serve(sup: Supervisor, cmd_pid: int, terminal: Terminal | None = None) -> int:
     """Answer binds and forward signals until CMD has ended and nothing under
     the filter is left (the listener hangs up once the last such process is
     reaped: this process is their subreaper). Returns CMD's exit status."""
@@ -107,52 +231,14 @@ def serve(sup: Supervisor, cmd_pid: int) -> int:
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     for sig in (*FORWARDED, signal.SIGCHLD):
         signal.signal(sig, lambda s, f: None)
-    poller = select.poll()
-    poller.register(sup.listener, select.POLLIN)
-    poller.register(wake_r, select.POLLIN)
-    status: int | None = None
-    hung_up = False
-
-    def reap() -> None:
-        nonlocal status
-        for pid in _children() - {sup.creator.pid or -1}:
-            try:
-                done, st = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                continue
-            if done == cmd_pid:
-                status = os.waitstatus_to_exitcode(st)
-
-    reap()
     try:
-        while status is None or not hung_up:
-            for fd, ev in poller.poll():
-                if fd == wake_r:
-                    for signum in os.read(wake_r, 512):
-                        if signum == signal.SIGCHLD:
-                            reap()
-                        elif status is None:
-                            os.kill(cmd_pid, signum)
-                        elif signum in (signal.SIGINT, signal.SIGTERM):
-                            hung_up = True  # CMD is gone; leave what it left behind
-                    continue
-                if ev & select.POLLIN:
-                    try:
-                        n = kernel.recv(sup.listener)
-                    except OSError as exc:
-                        if exc.errno == errno.ENOENT:
-                            continue  # the caller went away before we looked
-                        raise
-                    sup.handle(n)
-                elif ev & (select.POLLHUP | select.POLLERR):
-                    hung_up = True
-                    poller.unregister(sup.listener)
+        return _Loop(sup, cmd_pid, terminal).run(wake_r)
     finally:
+        if terminal is not None:
+            terminal.drain()
         signal.set_wakeup_fd(-1)
         os.close(wake_r)
         os.close(wake_w)
-    assert status is not None
-    return status if status >= 0 else 128 - status
 
 
 def run(opts: RunOptions, sink: Sink | None) -> int:
@@ -181,7 +267,11 @@ def run(opts: RunOptions, sink: Sink | None) -> int:
         raise Refusal(code or Exit.SOFTWARE, str(exc).removeprefix("privsock ")) from None
     try:
         env = clean_env(opts.target) if opts.target is not None else dict(os.environ)
-        launched = launch.spawn(arch, opts.command, env, opts.target)
+        terminal = Terminal()
+        try:
+            launched = launch.spawn(arch, opts.command, env, opts.target, terminal.child)
+        finally:
+            terminal.started()
         try:
             if opts.target is not None:
                 drop_supervisor(opts.target)
@@ -197,6 +287,6 @@ def run(opts: RunOptions, sink: Sink | None) -> int:
             listener=launched.listener, arch=arch, creator=creator, allow=opts.allow,
             audit_sink=sink, unprivileged_port_start=unprivileged_port_start(), log=_say,
         )  # fmt: skip
-        return serve(sup, launched.pid)
+        return serve(sup, launched.pid, terminal)
     finally:
         creator.close()

@@ -4,6 +4,10 @@ The child, between fork and exec, in this order:
 
 1. a new session (setsid): the program is not the terminal's controlling
    process and cannot push input into it (TIOCSTI needs the controlling tty);
+   and no terminal fd either: a terminal stdin becomes /dev/null, a terminal
+   stdout or stderr a pipe that the supervisor copies to the terminal
+   (privsock.run.command.Terminal), so the program can neither read the
+   starter's keystrokes nor change the terminal's settings;
 2. the privilege drop to USER (root start), or no_new_privs alone (user
    start): no capability in any set, verified from /proc/thread-self/status;
 3. PR_SET_PDEATHSIG, *after* the uid change (which resets it), then a check
@@ -57,8 +61,11 @@ def _child(
     target: dropall.Target | None,
     supervisor: int,
     path: str,
+    stdio: Mapping[int, int],
 ) -> None:
     os.setsid()
+    for fd, replacement in stdio.items():
+        os.dup2(replacement, fd)  # the copy at 0-2 is inheritable
     if target is not None:
         dropall.drop(target)
     else:
@@ -99,9 +106,11 @@ def spawn(
     command: Sequence[str],
     env: Mapping[str, str],
     target: dropall.Target | None,
+    stdio: Mapping[int, int] | None = None,
 ) -> Launched:
-    """Fork and exec the program under the filter; return its pid and the
-    listener once the exec has happened. Refusal (the child reaped) if
+    """Fork and exec the program under the filter, with ``stdio`` (fd ->
+    replacement) in place of the supervisor's own stdio; return its pid and
+    the listener once the exec has happened. Refusal (the child reaped) if
     any step before the exec failed."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sys.stdout.flush()
@@ -112,7 +121,7 @@ def spawn(
     if pid == 0:  # pragma: no cover (the child; its failures reach the parent)
         ours.close()
         try:
-            _child(theirs, arch, command, env, target, supervisor, path)
+            _child(theirs, arch, command, env, target, supervisor, path, stdio or {})
         except Refusal as exc:
             _report(theirs, exc.exit_code, str(exc))
         except BaseException as exc:
