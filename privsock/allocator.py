@@ -1,11 +1,12 @@
 """SocketAllocator: the boss's cache of bound sockets, so a port is bound once
 and shared (the design note's "mini-database of bound ports").
 
-The cache keeps one original socket per (transport, family, address, port,
-options). Every get hands out a new dup, owned by one holder; a release closes
-that dup, and the last release of a key closes the original too. So at any
-time this allocator holds exactly one fd per cached key plus one per live
-reference, and nothing else.
+The cache keeps one original socket per request: the Create that
+arguments.build_create makes of (transport, address, port, options). Every get
+hands out a new dup, owned by one holder; a release closes that dup, and the
+last release of a key closes the original too. So at any time this allocator
+holds exactly one fd per cached key plus one per live reference, and nothing
+else.
 
 Share modes are BIND 10's: each reference says who else may hold the same
 socket. A request is granted only if the newcomer accepts every current
@@ -21,6 +22,7 @@ thread-safe; it never closes the SocketCreator it was given.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import socket
 import threading
@@ -28,10 +30,10 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from privsock import arguments
-from privsock.client import SocketCreator, describe
+from privsock.client import SocketCreator
 from privsock.errors import CreatorError, InvalidArgument
 from privsock.helper import protocol
-from privsock.helper.protocol import Option, Transport
+from privsock.helper.protocol import Transport
 
 
 class Share(enum.Enum):
@@ -53,7 +55,8 @@ class PairError(CreatorError):
         self.cause = cause
 
 
-Key = tuple[Transport, int, protocol.IPAddress, int, Option]
+# A cache key: the request itself, with request id 0 (build_create's).
+Key = protocol.Create
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,21 +77,6 @@ class _Entry:
     refs: dict[int, tuple[socket.socket, _Ref]] = field(default_factory=dict)  # id(dup) ->
 
 
-def _key(
-    transport: str | Transport,
-    address: str | protocol.IPAddress,
-    port: int,
-    reuseaddr: bool,
-    reuseport: bool,
-    v6only: bool,
-) -> Key:
-    # InvalidArgument for what the helper would call malformed, before the cache is touched.
-    tr, addr, port, options = arguments.create_fields(
-        transport, address, port, reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only
-    )
-    return tr, addr.version, addr, port, options
-
-
 def _share(value: Share | str) -> Share:
     try:
         return Share(value)
@@ -104,7 +92,7 @@ def _app(value: str) -> str:
 
 
 def _what(key: Key) -> str:
-    return describe(key[0], key[2], key[3])
+    return arguments.spec(key)
 
 
 class SocketAllocator:
@@ -150,16 +138,15 @@ class SocketAllocator:
         """A dup of the cached socket for this key, or of a new one from the
         helper. ``holder`` (default: ``app``) names who holds the reference,
         for release_holder. Release it with release_bound_socket."""
-        key = _key(transport, address, port, reuseaddr, reuseport, v6only)
+        key = arguments.build_create(transport, address, port, reuseaddr=reuseaddr,
+                                     reuseport=reuseport, v6only=v6only)  # fmt: skip
         ref = _Ref(app if holder is None else holder, _app(app), _share(share))
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 self._check_share(key, entry, ref)
                 return self._hand_out(key, entry, ref)
-            original = self.creator.create(
-                key[0], key[2], key[3], reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only
-            )
+            original = self.creator.create_from(key)
             entry = _Entry(original)
             self._entries[key] = entry
             try:
@@ -184,9 +171,9 @@ class SocketAllocator:
         """UDP and TCP on the same address and port, both or neither: if the TCP
         half fails, the UDP half is released and PairError names both."""
         opts = {"reuseaddr": reuseaddr, "reuseport": reuseport, "v6only": v6only}
-        udp_key = _key("udp", address, port, **opts)  # InvalidArgument: a caller's bug
+        udp_key = arguments.build_create("udp", address, port, **opts)  # a caller's bug
         _share(share), _app(app)
-        pair = f"{_what(udp_key)} + {_what((Transport.TCP, *udp_key[1:]))}"
+        pair = f"{_what(udp_key)} + {_what(dataclasses.replace(udp_key, transport=Transport.TCP))}"
         with self._lock:
             try:
                 udp = self.get_bound_socket(
@@ -237,7 +224,8 @@ class SocketAllocator:
         v6only: bool = False,
     ) -> int:
         """Live references to the cached socket for this key (0: not cached)."""
-        key = _key(transport, address, port, reuseaddr, reuseport, v6only)
+        key = arguments.build_create(transport, address, port, reuseaddr=reuseaddr,
+                                     reuseport=reuseport, v6only=v6only)  # fmt: skip
         with self._lock:
             entry = self._entries.get(key)
             return len(entry.refs) if entry else 0

@@ -69,18 +69,28 @@ def options(*, reuseaddr: bool, reuseport: bool, v6only: bool) -> Option:
     return result
 
 
-def create_fields(
+def build_create(
     transport: str | Transport,
     address: str | protocol.IPAddress,
     port: int,
     *,
-    reuseaddr: bool,
-    reuseport: bool,
-    v6only: bool,
-) -> tuple[Transport, protocol.IPAddress, int, Option]:
-    """Every field of a CREATE, checked as the helper will check it."""
+    reuseaddr: bool = False,
+    reuseport: bool = False,
+    v6only: bool = False,
+) -> protocol.Create:
+    """The one place a CREATE is built from a caller's values, checked as the
+    helper will check it. Its request id is 0: SocketCreator.create_from gives
+    it a fresh one when it is sent, and the allocator keys its cache on it."""
     tr, addr, number = parse_transport(transport), parse_address(address), parse_port(port)
     opts = options(reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only)
     if v6only and addr.version == 4:
         raise InvalidArgument(f"v6only=True needs an IPv6 address, not {addr}")
-    return tr, addr, number, opts
+    create = protocol.Create(0, tr, addr, number, opts)
+    protocol.encode_request(create)  # the codec's own rules, in case they ever grow
+    return create
+
+
+def spec(create: protocol.Create) -> str:
+    """``udp:127.0.0.1:53``, ``tcp:[::1]:80``: the --listen form, for messages."""
+    host = f"[{create.address}]" if create.address.version == 6 else str(create.address)
+    return f"{create.transport.name.lower()}:{host}:{create.port}"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import array
 import atexit
 import collections
+import dataclasses
 import os
 import signal
 import socket
@@ -105,11 +106,6 @@ def shutdown_on_signals(
 
 def default_helper_argv() -> list[str]:
     return [sys.executable, "-I", "-m", HELPER_MODULE]
-
-
-def describe(transport: Transport, address: protocol.IPAddress, port: int) -> str:
-    host = f"[{address}]" if address.version == 6 else str(address)
-    return f"{transport.name.lower()}:{host}:{port}"
 
 
 class SocketCreator:
@@ -300,14 +296,18 @@ class SocketCreator:
     ) -> socket.socket:
         """A socket bound to (address, port), not listening, from the helper."""
         # InvalidArgument for anything the helper would call malformed (port 0, ...).
-        tr, addr, port, options = arguments.create_fields(
+        return self.create_from(arguments.build_create(
             transport, address, port, reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only
-        )
-        req = protocol.Create(self._new_id(), tr, addr, port, options)
-        protocol.encode_request(req)
-        what = describe(tr, addr, port)
+        ))  # fmt: skip
+
+    def create_from(self, create: protocol.Create) -> socket.socket:
+        """The socket for a request from arguments.build_create (sent under a
+        fresh request id)."""
+        what = arguments.spec(create)
+        tr, addr = create.transport, create.address
         with self._lock:
             self._ensure_helper()
+            req = dataclasses.replace(create, request_id=self._new_id())
             reply, fd = self._exchange(req, self.reply_timeout)
         if fd is None:
             self._log_boss(req, reply)

@@ -29,9 +29,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NoReturn
 
-from privsock import dropall
+from privsock import arguments, dropall
 from privsock.auditsink import AuditLogError, Sink
-from privsock.client import SocketCreator, describe
+from privsock.client import SocketCreator
 from privsock.errors import (
     CreatorError,
     CreatorOSError,
@@ -57,7 +57,7 @@ class Listen:
     port: int
 
     def __str__(self) -> str:
-        return describe(self.transport, self.address, self.port)
+        return arguments.spec(protocol.Create(0, self.transport, self.address, self.port))
 
     @property
     def default_name(self) -> str:
