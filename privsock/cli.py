@@ -25,6 +25,7 @@ from typing import NoReturn
 
 from privsock import __version__, auditsink, dropall, execcmd, inspection
 from privsock.client import shutdown_on_signals
+from privsock.helper import landlock
 from privsock.helper.exitcodes import Exit, Refusal
 from privsock.helper.policy_file import load_policy
 from privsock.helper.procstatus import StatusFormatError, parse_status, report
@@ -214,6 +215,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for line in report(status):
         print(line)
     print(f"profile   {profile} ({why})")
+    if profile == "helper":
+        print(landlock_line())
     problems, ok = inspection.judge(status, profile)
     if problems:
         print(f"verdict   NOT hardened as privsock promises for a {profile}:")
@@ -222,6 +225,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return Exit.FAILED
     print(f"verdict   {ok}")
     return Exit.OK
+
+
+def landlock_line() -> str:
+    """What can be seen of Landlock from outside: the kernel's ABI, as this
+    process's own context sees it. The kernel shows no process's ruleset in
+    /proc; the helper's start-up line states its own, and with
+    require_landlock (the default) it never serves without one."""
+    try:
+        abi = landlock.abi_version()
+    except landlock.Unavailable as exc:
+        return (f"Landlock  unavailable here: {exc}; a helper started here serves only if "
+                "its policy sets require_landlock = false, and then TCP ports are held by "
+                "its own code alone")  # fmt: skip
+    if abi < landlock.NET_ABI:
+        return (
+            f"Landlock  kernel ABI {abi}: no TCP port rules (ABI {landlock.NET_ABI}); "
+            "a helper serves here only if its policy sets require_landlock = false"
+        )
+    return (f"Landlock  kernel ABI {abi} as seen here; a process's ruleset is not in /proc: "
+            "the helper's start-up line states its own (\"Landlock: ABI ...\")")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -164,6 +164,12 @@ class SocketCreator:
         return self._proc.pid if self._proc else None
 
     @property
+    def helper_messages(self) -> tuple[str, ...]:
+        """What the helper wrote on stderr besides audit lines, oldest first (the
+        last 20): its start-up line, which says whether Landlock holds its ports."""
+        return tuple(self._messages)
+
+    @property
     def running(self) -> bool:
         if self._proc is not None:
             return self._proc.poll() is None

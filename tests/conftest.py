@@ -40,6 +40,9 @@ transports = ["udp", "tcp"]
 ports = [22]
 """
 
+# The same, for a kernel or container runtime without Landlock.
+NO_LANDLOCK_POLICY = TEST_POLICY.replace("[helper]\n", "[helper]\nrequire_landlock = false\n")
+
 
 @pytest.fixture
 def root() -> None:

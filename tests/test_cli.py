@@ -97,6 +97,32 @@ def test_inspect_says_a_running_helper_is_hardened(creator: SocketCreator) -> No
     assert "CapEff    0000000000000400 cap_net_bind_service" in result.stdout
     assert "NoNewPrivs 1" in result.stdout
     assert "Seccomp   2" in result.stdout
+    assert "Landlock  kernel ABI " in result.stdout
+
+
+# privsock inspect where a seccomp filter answers ENOSYS for the Landlock syscalls.
+INSPECT_WITHOUT_LANDLOCK = """
+import errno, sys
+from privsock import cli
+from privsock.helper.seccomp_filter import sc
+runtime = sc.SyscallFilter(sc.ALLOW)
+runtime.add_rule(sc.ERRNO(errno.ENOSYS), "landlock_create_ruleset")
+runtime.load()
+sys.argv[0] = "privsock"
+cli.main()
+"""
+
+
+@pytest.mark.root
+def test_inspect_says_when_landlock_is_unavailable(creator: SocketCreator) -> None:
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", INSPECT_WITHOUT_LANDLOCK, "inspect", str(creator.pid)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == Exit.OK, result.stderr
+    assert "Landlock  unavailable here: the kernel has no Landlock, or a seccomp filter" in (
+        result.stdout
+    )
 
 
 def test_inspect_says_this_process_is_not_hardened() -> None:

@@ -124,6 +124,9 @@ def test_the_service_holds_the_hardening_directives() -> None:
     assert (settings["User"], settings["Group"]) == (policy.user, policy.group)
     filters = [value for key, value in directives if key == "SystemCallFilter"]
     assert "seccomp" in filters[0].split()
+    # Nor its Landlock syscalls (systemd 252 has them only in @known).
+    for name in ("landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self"):
+        assert name in filters[0].split()
     # Never these: they would break what the helper hands out (see README.md).
     for key in ("PrivateNetwork", "PrivateUsers", "IPAddressDeny", "DynamicUser"):
         assert key not in settings
@@ -274,6 +277,11 @@ def test_socket_activated_helper_under_systemd(systemd_container: tuple[Podman, 
     decisions = [json.loads(line)["decision"] for line in journal.splitlines()
                  if line.startswith("{")]  # fmt: skip
     assert decisions[-3:] == ["pong", "granted", "denied"]
+    # ...and so did its start-up line: the unit lets it apply its Landlock ruleset.
+    assert any(
+        "hardened, serving" in line and "; Landlock: ABI " in line
+        for line in journal.splitlines()
+    ), journal
 
 
 @pytest.mark.containers

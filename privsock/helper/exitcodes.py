@@ -20,6 +20,7 @@ class Exit(enum.IntEnum):
     UNAVAILABLE = 69  # EX_UNAVAILABLE: exec: the address is in use or cannot be bound
     SOFTWARE = 70  # EX_SOFTWARE: unexpected error inside the request loop
     OSERR = 71  # EX_OSERR: a hardening step failed, or self-verification found a difference
+    NOLANDLOCK = 72  # the policy requires Landlock and the kernel offers none (EX_OSFILE's slot)
     TEMPFAIL = 75  # EX_TEMPFAIL: exec: rate limited, try again later
     PROTOCOL = 76  # EX_PROTOCOL: the channel on fd 0 is not a SOCK_SEQPACKET socket
     NOPERM = 77  # EX_NOPERM: missing privilege (not root, no CAP_NET_BIND_SERVICE)
@@ -32,7 +33,7 @@ class Exit(enum.IntEnum):
 # The codes privsock-helper itself exits with; the others are the CLI's.
 HELPER_EXITS = frozenset({
     Exit.OK, Exit.USAGE, Exit.DATAERR, Exit.NOINPUT, Exit.NOUSER, Exit.SOFTWARE, Exit.OSERR,
-    Exit.PROTOCOL, Exit.NOPERM, Exit.CONFIG,
+    Exit.NOLANDLOCK, Exit.PROTOCOL, Exit.NOPERM, Exit.CONFIG,
 })  # fmt: skip
 
 DESCRIPTIONS: dict[Exit, str] = {
@@ -43,6 +44,10 @@ DESCRIPTIONS: dict[Exit, str] = {
     Exit.NOUSER: "the policy's user or group does not exist",
     Exit.SOFTWARE: "unexpected internal error while serving",
     Exit.OSERR: "a hardening step failed or could not be verified",
+    Exit.NOLANDLOCK: (
+        "the policy requires Landlock (require_landlock, the default) and the kernel "
+        "offers none"
+    ),
     Exit.PROTOCOL: "fd 0 is not a SOCK_SEQPACKET socket",
     Exit.NOPERM: "missing privilege: run as root or give CAP_NET_BIND_SERVICE",
     Exit.CONFIG: (

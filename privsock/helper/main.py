@@ -11,8 +11,15 @@ The order is the security argument (SECURITY.md walks through it):
  4. switch to the policy's user and group keeping only CAP_NET_BIND_SERVICE;
  5. no_new_privs, dumpable 0, pdeathsig, and the parent is still the one we had;
  6. everything is imported at the top of this module; warm up the lazy paths;
- 7. load the seccomp allowlist (KILL_PROCESS);
- 8. read /proc/self/status and refuse to serve unless it shows the promise.
+    open /proc/self/status for step 9;
+ 7. apply the Landlock ruleset: TCP bind to the policy's ports only, no TCP
+    connect, no filesystem, no abstract unix sockets or signals (needs step 5's
+    no_new_privs, and goes before step 8 so the filter needs no Landlock call);
+    where the kernel has none, refuse if the policy requires it;
+ 8. load the seccomp allowlist (KILL_PROCESS);
+ 9. read /proc/self/status and refuse to serve unless it shows the promise;
+10. bind TCP port 0, which no ruleset holds, and refuse to serve unless
+    Landlock refuses it with EACCES.
 
 Any failure before serving: one line on stderr and a documented exit code
 (privsock.helper.exitcodes). Once the filter is loaded nothing may open a file, so
@@ -21,6 +28,7 @@ errors are written to fd 2 by hand and the process leaves with os._exit.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import signal
@@ -30,9 +38,9 @@ import time
 import warnings
 from dataclasses import dataclass
 
-from privsock.helper import auditrecord, drop, protocol, seccomp_filter
+from privsock.helper import auditrecord, drop, landlock, protocol, seccomp_filter
 from privsock.helper.exitcodes import Exit, Refusal
-from privsock.helper.policy import Policy, decide
+from privsock.helper.policy import Policy, decide, tcp_bind_ports
 from privsock.helper.policy_file import load_policy
 from privsock.helper.procstatus import parse_status, verdict
 from privsock.helper.serve import Session
@@ -97,11 +105,12 @@ class Hardened:
     chan: socket.socket  # fd 0, the channel to the boss
     policy: Policy
     pid: int  # our own pid, read before the filter (audit lines carry it)
+    landlock: landlock.Applied | str  # the ruleset applied, or why there is none
 
 
 @dataclass(frozen=True, slots=True)
 class _Locked:
-    """Steps 2-6 done: the policy, and what step 8 checks against."""
+    """Steps 2-6 done: the policy, and what step 9 checks against."""
 
     policy: Policy
     pid: int
@@ -111,11 +120,13 @@ class _Locked:
 
 
 def harden(policy_path: str, expected_parent: int) -> Hardened:
-    """Steps 1-8. Returns the channel, the policy and our pid, or raises Refusal."""
+    """Steps 1-10. Returns the channel, the policy, our pid and the Landlock
+    ruleset, or raises Refusal."""
     root_start = drop.check_privilege()
     chan = _channel()
     try:
         locked = _drop_and_lock(policy_path, expected_parent, root_start)
+        ruleset = _landlock(locked.policy)
         try:
             seccomp_filter.load()
         except OSError as exc:
@@ -129,12 +140,52 @@ def harden(policy_path: str, expected_parent: int) -> Hardened:
         if problems:
             raise Refusal(Exit.OSERR, "not hardened as promised, refusing to serve: "
                           + "; ".join(problems))  # fmt: skip
+        if isinstance(ruleset, landlock.Applied) and ruleset.net:
+            _probe_landlock()
     except BaseException:
         # An unclosed socket object warns on collection, and the warning's repr
         # calls getsockname, which the filter kills. Let go of fd 0 by hand.
         chan.detach()
         raise
-    return Hardened(chan, locked.policy, locked.pid)
+    return Hardened(chan, locked.policy, locked.pid, ruleset)
+
+
+def _landlock(policy: Policy) -> landlock.Applied | str:
+    """Step 7. The ruleset applied, or why the kernel offers none (when the
+    policy lets the helper run without)."""
+    try:
+        abi = landlock.abi_version()
+    except landlock.Unavailable as exc:
+        why = str(exc)
+    else:
+        if abi >= landlock.NET_ABI or not policy.require_landlock:
+            try:
+                return landlock.apply(tcp_bind_ports(policy))
+            except (landlock.Unavailable, OSError) as exc:
+                raise Refusal(Exit.OSERR, f"applying the Landlock ruleset failed: {exc}") from None
+        why = f"the kernel's Landlock ABI {abi} has no TCP port rules (ABI {landlock.NET_ABI})"
+    if policy.require_landlock:
+        raise Refusal(Exit.NOLANDLOCK, f"the policy requires Landlock (helper.require_landlock) "
+                      f"but {why}; refusing to start")  # fmt: skip
+    return why
+
+
+def _probe_landlock() -> None:
+    """Step 10. Port 0 needs no capability and is in no ruleset (policy ports are
+    1-65535), so only Landlock can refuse this bind; the socket is one the
+    filter lets the helper create and bind."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0)
+    try:
+        probe.bind(("127.0.0.1", 0))
+    except OSError as exc:
+        if exc.errno == errno.EACCES:
+            return
+        raise Refusal(Exit.OSERR, "Landlock self-check: binding TCP port 0 failed with "
+                      f"{exc.strerror}, not EACCES; refusing to serve") from None  # fmt: skip
+    finally:
+        probe.close()
+    raise Refusal(Exit.OSERR, "Landlock self-check: TCP port 0, outside the ruleset, "
+                  "could be bound; refusing to serve")  # fmt: skip
 
 
 def _drop_and_lock(policy_path: str, expected_parent: int, root_start: bool) -> _Locked:
@@ -179,7 +230,11 @@ def run(argv: list[str]) -> int:
         _say(str(exc))
         return exc.exit_code
     chan, policy, pid = hardened.chan, hardened.policy, hardened.pid
-    _say(f"hardened, serving (pid {pid}, policy {policy_path})")
+    if isinstance(hardened.landlock, landlock.Applied):
+        shown = hardened.landlock.describe()
+    else:
+        shown = f"unavailable ({hardened.landlock})"
+    _say(f"hardened, serving (pid {pid}, policy {policy_path}); Landlock: {shown}")
     try:
         Session(chan, policy, pid, log=lambda line: os.write(2, line)).serve()
     except (BrokenPipeError, ConnectionResetError):

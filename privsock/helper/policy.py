@@ -32,6 +32,8 @@ Decisions (``decide``), in this order:
 from __future__ import annotations
 
 import ipaddress
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -81,6 +83,9 @@ class Policy:
     rate_limit: RateLimit
     allow: tuple[Rule, ...]
     deny: tuple[Rule, ...]
+    # Refuse to start where the kernel cannot apply the Landlock ruleset
+    # (landlock.py); SECURITY.md says why this is the default.
+    require_landlock: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,3 +158,65 @@ def _allow_miss(
     if options & ~(rule.options & GRANTABLE[transport]):
         return Reason.OPTION
     return None
+
+
+# ---------------------------------------------------------------------------
+# Coverage: what deny rules leave of an allow rule (the parser's "can never
+# match" check, and the TCP ports the kernel's Landlock ruleset lets through).
+
+
+def port_pieces(
+    low: int, high: int, denies: list[Rule]
+) -> Iterator[tuple[int, int, list[Rule]]]:
+    """Cut the ports [low, high] at every boundary of the ``denies``' ranges. Yields
+    (start, stop, over): each port in [start, stop) is in the range of exactly the
+    deny rules ``over``."""
+    cuts = {low, high + 1}
+    cuts.update(b for d in denies for lo, hi in d.ports for b in (lo, hi + 1) if low < b <= high)
+    for start, stop in itertools.pairwise(sorted(cuts)):
+        over = [d for d in denies if any(lo <= start and stop - 1 <= hi for lo, hi in d.ports)]
+        yield start, stop, over
+
+
+def _only_wildcard(network: IPNetwork) -> bool:
+    return network.prefixlen == network.max_prefixlen and network.network_address.is_unspecified
+
+
+def denies_some(deny: Rule, network: IPNetwork) -> bool:
+    """Whether ``deny`` refuses at least one address of ``network``."""
+    if _only_wildcard(network):
+        return any(n.version == network.version for n in deny.networks)
+    return any(n.overlaps(network) for n in deny.networks)
+
+
+def covered(network: IPNetwork, by: list[IPNetwork]) -> bool:
+    """Whether deny networks ``by`` refuse every address of ``network``, as decide
+    judges them (a denied network of its family denies the wildcard)."""
+    if _only_wildcard(network):
+        return any(n.version == network.version for n in by)
+    # collapse_addresses merges adjacent blocks, so a block inside the union of
+    # ``by`` is inside one collapsed block.
+    if isinstance(network, ipaddress.IPv4Network):
+        v4 = [n for n in by if isinstance(n, ipaddress.IPv4Network)]
+        return any(network.subnet_of(c) for c in ipaddress.collapse_addresses(v4))
+    v6 = [n for n in by if isinstance(n, ipaddress.IPv6Network)]
+    return any(network.subnet_of(c) for c in ipaddress.collapse_addresses(v6))
+
+
+def tcp_bind_ports(policy: Policy) -> tuple[int, ...]:
+    """Every TCP port ``decide`` can grant, sorted: the ports of the TCP allow rules,
+    less those that TCP deny rules refuse on every address the allow rule has.
+    Landlock rules carry ports, not addresses, so a port granted on one address
+    and denied on another stays in. Never smaller than what decide grants (a
+    property test holds it to that): the kernel would refuse a granted bind."""
+    denies = [d for d in policy.deny if Transport.TCP in d.transports]
+    ports: set[int] = set()
+    for rule in policy.allow:
+        if Transport.TCP not in rule.transports:
+            continue
+        for low, high in rule.ports:
+            for start, stop, over in port_pieces(low, high, denies):
+                refused = [n for d in over for n in d.networks]
+                if not all(covered(n, refused) for n in rule.networks):
+                    ports.update(range(start, stop))
+    return tuple(sorted(ports))

@@ -9,6 +9,7 @@ Format (TOML; policy/README.md has the same with examples)::
     [helper]                     # optional
     user = "privsock"            # default "privsock"
     group = "privsock"           # default: the user's name
+    require_landlock = true      # default true: refuse to start without Landlock
 
     [rate_limit]                 # optional
     rate = 20.0                  # CREATE requests/s, sustained: 0 < rate <= 100000; default 20
@@ -67,7 +68,16 @@ import re
 import tomllib
 from typing import Literal
 
-from privsock.helper.policy import GRANTABLE, IPNetwork, Policy, RateLimit, Rule
+from privsock.helper.policy import (
+    GRANTABLE,
+    IPNetwork,
+    Policy,
+    RateLimit,
+    Rule,
+    covered,
+    denies_some,
+    port_pieces,
+)
 from privsock.helper.protocol import OPTION_NAMES, TRANSPORT_NAMES, Option, Transport
 
 _DEFAULT_USER = "privsock"
@@ -77,7 +87,7 @@ _MAX_RATE = 100_000
 _MAX_BURST = 100_000
 
 _TOP_KEYS = ("version", "helper", "rate_limit", "allow", "deny")
-_HELPER_KEYS = ("user", "group")
+_HELPER_KEYS = ("user", "group", "require_landlock")
 _RATE_KEYS = ("rate", "burst")
 _ALLOW_KEYS = ("transports", "ports", "addresses", "options")
 _DENY_KEYS = ("transports", "ports", "addresses")
@@ -161,6 +171,11 @@ def _policy(document: dict[str, object]) -> Policy:
     helper = _table(document.get("helper", {}), "helper", _HELPER_KEYS)
     user = _posix_name(helper, "user", _DEFAULT_USER)
     group = _posix_name(helper, "group", user)
+    require_landlock = helper.get("require_landlock", True)
+    if not isinstance(require_landlock, bool):
+        raise _Invalid(
+            "helper.require_landlock", f"must be true or false, not {_kind(require_landlock)}"
+        )
     limits = _table(document.get("rate_limit", {}), "rate_limit", _RATE_KEYS)
     rate_limit = RateLimit(_rate(limits), _burst(limits))
     allow = _rules(document, "allow")
@@ -175,7 +190,7 @@ def _policy(document: dict[str, object]) -> Policy:
             names = " and ".join(d.name for d in covering)
             verb = "covers" if len(covering) == 1 else "cover"
             raise _Invalid(rule.name, f"{rule.name} can never match: {names} {verb} it")
-    return Policy(user, group, rate_limit, allow, deny)
+    return Policy(user, group, rate_limit, allow, deny, require_landlock)
 
 
 def _table(value: object, key: str, known: tuple[str, ...]) -> dict[str, object]:
@@ -407,45 +422,12 @@ def _covering_denies(rule: Rule, deny: tuple[Rule, ...]) -> list[Rule]:
     for transport in rule.transports:
         denies = [d for d in deny if transport in d.transports]
         for low, high in rule.ports:
-            # Cut [low, high] at every deny range boundary: each piece is then inside or
-            # outside every deny range, so coverage is decided piece by piece.
-            cuts = {low, high + 1}
-            cuts.update(
-                b for d in denies for lo, hi in d.ports for b in (lo, hi + 1) if low < b <= high
-            )
-            edges = sorted(cuts)
-            for start, stop in itertools.pairwise(edges):
-                over = [
-                    d for d in denies if any(lo <= start and stop - 1 <= hi for lo, hi in d.ports)
-                ]
+            for _, _, over in port_pieces(low, high, denies):
                 for network in rule.networks:
-                    if not _covered(network, [n for d in over for n in d.networks]):
+                    if not covered(network, [n for d in over for n in d.networks]):
                         return []
-                    used.update(d.index for d in over if _denies_some(d, network))
+                    used.update(d.index for d in over if denies_some(d, network))
     return [d for d in deny if d.index in used]
-
-
-def _only_wildcard(network: IPNetwork) -> bool:
-    return network.prefixlen == network.max_prefixlen and network.network_address.is_unspecified
-
-
-def _denies_some(deny: Rule, network: IPNetwork) -> bool:
-    if _only_wildcard(network):
-        return any(n.version == network.version for n in deny.networks)
-    return any(n.overlaps(network) for n in deny.networks)
-
-
-def _covered(network: IPNetwork, by: list[IPNetwork]) -> bool:
-    if _only_wildcard(network):
-        # Any denied network of its family denies the wildcard (see decide).
-        return any(n.version == network.version for n in by)
-    # collapse_addresses merges adjacent blocks, so a block inside the union of
-    # ``by`` is inside one collapsed block.
-    if isinstance(network, ipaddress.IPv4Network):
-        v4 = [n for n in by if isinstance(n, ipaddress.IPv4Network)]
-        return any(network.subnet_of(c) for c in ipaddress.collapse_addresses(v4))
-    v6 = [n for n in by if isinstance(n, ipaddress.IPv6Network)]
-    return any(network.subnet_of(c) for c in ipaddress.collapse_addresses(v6))
 
 
 # ---------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from privsock.helper.drop import NOFILE_LIMIT
+
 _SONAMES = {"seccomp": "libseccomp.so.2", "c": "libc.so.6"}
 
 
@@ -55,6 +57,12 @@ SIOCOUTQ = 0x5411
 # be handed out again, and `read` on it can never reach anything else.
 STATUS_FD = 9
 
+# The fds a socket the helper creates can get: the lowest free numbers under
+# RLIMIT_NOFILE, with 0 and 2 always taken. bind() is allowed on these only, each
+# compared with EQ on the whole 64-bit argument: the kernel reads the fd as an
+# int, so a rule "fd != 0" would let (1 << 32) | 0 through to fd 0.
+BIND_FDS = (1, *range(3, NOFILE_LIMIT))
+
 
 @dataclass(frozen=True, slots=True)
 class Allowed:
@@ -88,7 +96,12 @@ ALLOWLIST: tuple[Allowed, ...] = (
             (_eq(1, socket.IPPROTO_IPV6), _eq(2, socket.IPV6_V6ONLY)),
         ),
     ),
-    Allowed("bind", "bind the new socket; the address was checked against the policy"),
+    Allowed(
+        "bind",
+        "bind the new socket; the address was checked against the policy (and Landlock "
+        "checks the TCP port): never fd 0 (the channel) or fd 2 (the log, a journal socket)",
+        tuple((_eq(0, fd),) for fd in BIND_FDS),
+    ),
     Allowed(
         "ioctl",
         "SIOCOUTQ on fd 0 only: has the boss read our last reply? (one fd in flight)",

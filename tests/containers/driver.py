@@ -141,6 +141,7 @@ def start(policy: str, out: dict[str, Any]) -> SocketCreator | None:
         return None
     assert creator.pid is not None
     out["helper_pid"] = creator.pid
+    out["helper_says"] = list(creator.helper_messages)
     out["helper"] = status_of(creator.pid)
     return creator
 

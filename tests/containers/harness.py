@@ -44,7 +44,7 @@ from typing import IO, Any
 
 import pytest
 
-from ..conftest import TEST_POLICY
+from ..conftest import NO_LANDLOCK_POLICY, TEST_POLICY
 from .driver import READY_MARK, RESULT_MARK
 
 HERE = Path(__file__).resolve().parent
@@ -56,6 +56,7 @@ DEPLOY = REPO / "deploy" / "podman" / "run-privsock"
 
 POLICY = "/etc/privsock/policy.toml"  # paths inside the containers
 STRICT_POLICY = "/etc/privsock/strict.toml"
+OPTIONAL_LANDLOCK_POLICY = "/etc/privsock/no-landlock.toml"
 
 ROOTFS_PREFIX = "privsock-rootfs-"
 NETNS_PREFIX = "privsock-"
@@ -76,6 +77,8 @@ STRICT_RATE, STRICT_BURST = 2.0, 5
 POLICIES = {
     # Generous (the suite's own test policy): the rows about capabilities and networks.
     "policy.toml": TEST_POLICY,
+    # The same, for a kernel or runtime without Landlock.
+    "no-landlock.toml": NO_LANDLOCK_POLICY,
     # Tight: the compromised boss floods past it.
     "strict.toml": f"""\
 version = 1

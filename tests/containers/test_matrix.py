@@ -22,6 +22,7 @@ from privsock.helper.procstatus import NET_BIND_SERVICE_MASK
 
 from .conftest import UserNamespace
 from .harness import (
+    OPTIONAL_LANDLOCK_POLICY,
     PEER,
     POLICY,
     PYTHON,
@@ -42,8 +43,8 @@ MINIMUM_ROOT_CAPS = (1 << 6) | (1 << 7) | (1 << 8) | NET_BIND_SERVICE_MASK
 NONE = ["--network=none"]
 
 
-def serve(address: str = "127.0.0.1") -> list[str]:
-    return driver("serve", "--policy", POLICY, "--address", address)
+def serve(address: str = "127.0.0.1", policy: str = POLICY) -> list[str]:
+    return driver("serve", "--policy", policy, "--address", address)
 
 
 def assert_hardened(status: dict[str, Any], boss: dict[str, Any]) -> None:
@@ -61,10 +62,21 @@ def assert_hardened(status: dict[str, Any], boss: dict[str, Any]) -> None:
     assert status["seccomp"] == 2
 
 
-def assert_served(report: dict[str, Any], address: str = "127.0.0.1") -> None:
-    """The helper started hardened, the boss without privilege of its own got
-    UDP and TCP 53 and was refused 22, and the helper exited cleanly."""
+def assert_served(
+    report: dict[str, Any], address: str = "127.0.0.1", landlock: bool = True
+) -> None:
+    """The helper started hardened (with its Landlock ruleset, as podman's
+    default seccomp profile allows the Landlock syscalls), the boss without
+    privilege of its own got UDP and TCP 53 and was refused 22, and the helper
+    exited cleanly."""
     assert "start_error" not in report, report.get("start_error")
+    started = report["helper_says"][0]
+    assert "hardened, serving" in started, report["helper_says"]
+    if landlock:
+        assert "; Landlock: ABI " in started, started
+        assert "TCP bind to 27 port(s) only" in started, started
+    else:
+        assert "; Landlock: unavailable (" in started, started
     # Otherwise binding 53 would need no capability and prove nothing.
     assert report["self"]["unprivileged_port_start"] > 53
     assert_hardened(report["helper"], report["self"])
@@ -305,3 +317,39 @@ def test_9_privsock_run_under_podmans_default_seccomp_profile(
         NOBODY_CAPS, NOBODY_CAPS, "1")
     # podman's profile, then the run's bind filter.
     assert status["Seccomp"] == "2" and int(status["Seccomp_filters"]) >= 2
+
+
+def _profile_without_landlock(directory: Path) -> Path:
+    """podman's default seccomp profile less the Landlock syscalls: what a
+    profile written before Landlock does (its default answer is ENOSYS)."""
+    default = json.loads(Path("/usr/share/containers/seccomp.json").read_text())
+    assert default["defaultErrnoRet"] == 38  # ENOSYS
+    listed = [name for entry in default["syscalls"] for name in entry["names"]]
+    assert "landlock_create_ruleset" in listed  # the default allows them
+    for entry in default["syscalls"]:
+        entry["names"] = [n for n in entry["names"] if not n.startswith("landlock_")]
+    path = directory / "no-landlock.json"
+    path.write_text(json.dumps(default))
+    return path
+
+
+def test_10_seccomp_profile_without_landlock_refuses_by_default(
+    podman: Podman, rootfs: Path, tmp_path: Path
+) -> None:
+    profile = _profile_without_landlock(tmp_path)
+    options = [*NONE, f"--security-opt=seccomp={profile}"]
+    report = podman.run(rootfs, options, serve()).report()
+    error = report["start_error"]
+    assert error["returncode"] == Exit.NOLANDLOCK, error
+    assert "the policy requires Landlock (helper.require_landlock)" in error["message"]
+    assert "(ENOSYS)" in error["message"]
+    assert "helper" not in report  # it never answered
+
+
+def test_10_seccomp_profile_without_landlock_serves_when_the_policy_allows(
+    podman: Podman, rootfs: Path, tmp_path: Path
+) -> None:
+    profile = _profile_without_landlock(tmp_path)
+    options = [*NONE, f"--security-opt=seccomp={profile}"]
+    report = podman.run(rootfs, options, serve(policy=OPTIONAL_LANDLOCK_POLICY)).report()
+    assert_served(report, landlock=False)
