@@ -81,7 +81,7 @@ def _bind(fd: str, address: bytes, name: str) -> list[str]:
 
 
 def _alive(helper: RawHelper) -> None:
-    reply, fds = helper.exchange(protocol.encode_request(protocol.ping(7)))
+    reply, fds = helper.exchange(protocol.encode_request(protocol.Ping(7)))
     assert not fds
     assert protocol.decode_reply(reply).status is protocol.Status.OK
 
