@@ -17,7 +17,9 @@ Measured (details in bench/README.md):
                as root, and authbind as user privsock.
   pipelined    requests in flight before replies are read, over the raw channel
                (the client has no pipelining API).
-  start-up     spawn to the first PING reply, fully hardened; import times.
+  start-up     spawn to the first PING reply, fully hardened; import times;
+               the Landlock ruleset (ports computed, ruleset applied) and the
+               probe bind, each timed inside a fresh process.
   memory       the helper's RSS once serving.
 
 Raw numbers go to bench/results/<time>.json; the table to stdout and to
@@ -369,6 +371,48 @@ def start_python() -> int:
     return time.perf_counter_ns() - t0
 
 
+# Times, in a fresh process (a Landlock domain is for life), what the helper's
+# steps 7 and 10 cost: computing the TCP ports and applying the ruleset, then
+# the probe bind that Landlock must refuse.
+LANDLOCK_WORKER = """
+import socket, sys, time
+import prctl
+from privsock.helper import landlock
+from privsock.helper.policy import tcp_bind_ports
+from privsock.helper.policyparse import parse_policy
+policy = parse_policy(sys.argv[1])
+prctl.set_no_new_privs(1)
+t0 = time.perf_counter_ns()
+applied = landlock.apply(tcp_bind_ports(policy))
+t1 = time.perf_counter_ns()
+probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0)
+try:
+    probe.bind(("127.0.0.1", 0))
+    refused = False
+except PermissionError:
+    refused = True
+probe.close()
+t2 = time.perf_counter_ns()
+print(t1 - t0, t2 - t1, applied.tcp_ports, refused)
+"""
+ALL_PORTS_POLICY = """version = 1
+[[allow]]
+transports = ["tcp"]
+ports = ["1-65535"]
+addresses = ["127.0.0.0/8"]
+"""
+
+
+def landlock_cost(policy_text: str) -> tuple[int, int, int]:
+    """(ns for the ruleset, ns for the probe, TCP ports in the ruleset)."""
+    done = subprocess.run([sys.executable, "-I", "-c", LANDLOCK_WORKER, policy_text],
+                          capture_output=True, text=True, env=HELPER_ENV, check=False)  # fmt: skip
+    fields = done.stdout.split()
+    if done.returncode != 0 or len(fields) != 4 or fields[3] != "True":
+        raise BenchError(f"Landlock worker: {done.returncode} {done.stdout!r} {done.stderr!r}")
+    return int(fields[0]), int(fields[1]), int(fields[2])
+
+
 def import_times(runs: int = 5) -> dict[str, Any]:
     """`python -X importtime` of the helper's imports, `runs` times: the run with
     the median total, its top-level modules by cumulative microseconds, and
@@ -421,6 +465,7 @@ def run_rounds(args: argparse.Namespace, lib: ctypes.CDLL, policy: Path) -> dict
         "round_trip": {f"{k}/{t}/{f}": [] for k, _ in KINDS for t, f in COMBOS},
         "pipelined": {f"{who}/depth{d}": [] for who, _, depths in PIPELINERS for d in depths},
         "start_up": {"privsock": [], "c_helper": [], "python": []},
+        "landlock": {"policy": [], "all_ports": []},  # (ruleset ns, probe ns, ports)
     }
     with contextlib.ExitStack() as stack:
         creator = stack.enter_context(SocketCreator(str(policy), audit_sink=None))
@@ -466,6 +511,8 @@ def run_rounds(args: argparse.Namespace, lib: ctypes.CDLL, policy: Path) -> dict
             ("start_up", "privsock", lambda: start_privsock(policy)),
             ("start_up", "c_helper", start_c_helper),
             ("start_up", "python", start_python),
+            ("landlock", "policy", lambda: landlock_cost(policy.read_text())),
+            ("landlock", "all_ports", lambda: landlock_cost(ALL_PORTS_POLICY)),
         ]
         for _, _, task in tasks:  # a warm-up round, not recorded
             task()
@@ -520,6 +567,17 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     start = results["start_up"]
     summary["start_up_ratio"] = spread(
         [a / b for a, b in zip(start["privsock"], start["python"], strict=True)]
+    )
+    ll = results["landlock"]
+    summary["landlock_ms"] = {
+        "ruleset": spread([r / 1e6 for r, _, _ in ll["policy"]]),
+        "probe": spread([p / 1e6 for _, p, _ in ll["policy"]]),
+        "ruleset_all_ports": spread([r / 1e6 for r, _, _ in ll["all_ports"]]),
+    }
+    summary["landlock_ports"] = {k: v[0][2] for k, v in ll.items()}
+    # Steps 7 and 10 as a share of the whole start-up measured in the same round.
+    summary["landlock_share_of_start_up"] = spread(
+        [(r + p) / s for (r, p, _), s in zip(ll["policy"], start["privsock"], strict=True)]
     )
     return summary
 
@@ -595,6 +653,7 @@ def table(summary: dict[str, Any], results: dict[str, Any], machine: dict[str, A
             if f"{who}/depth{d}" in pipe else "one in flight"
             for d in PIPELINE_DEPTHS) + " |")  # fmt: skip
     su, mem, imp = summary["start_up_ms"], results["memory_kib"], results["import_times"]
+    lk = summary["landlock_ms"]
     top = ", ".join(f"{r['module']} {r['cumulative_us'] / 1000:.1f}"
                     for r in imp["top_level"][:6])  # fmt: skip
     lines += [
@@ -606,6 +665,15 @@ def table(summary: dict[str, Any], results: dict[str, Any], machine: dict[str, A
         "|---|---|---|---|",
         f"| {fmt(su['privsock'])} | {fmt(su['c_helper'])} | {fmt(su['python'])} "
         f"| {fmt(summary['start_up_ratio'], 2)} |",
+        "",
+        f"Landlock at start-up, ms, each timed inside a fresh process: the ruleset for "
+        f"the bench policy's {summary['landlock_ports']['policy']} TCP ports (ports computed, "
+        f"ruleset created, one rule per port, applied) {fmt(lk['ruleset'], 3)}, the probe "
+        f"bind that Landlock must refuse {fmt(lk['probe'], 3)}; together "
+        f"{fmt({k: v * 100 for k, v in summary['landlock_share_of_start_up'].items()}, 2)}% "
+        f"of the helper's start-up in the same round. A ruleset for all "
+        f"{summary['landlock_ports']['all_ports']:,} TCP ports: "
+        f"{fmt(lk['ruleset_all_ports'])}.",
         "",
         f"`python -X importtime` of the helper's imports (the median of "
         f"{len(imp['totals_us'])} runs): {imp['total_us'] / 1000:.1f} ms in all; "

@@ -12,6 +12,8 @@ import pytest
 
 from privsock.client import SocketCreator
 
+from .helper_proc import RawHelper
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_POLICY = REPO / "policy" / "default.toml"
 
@@ -73,3 +75,12 @@ def test_policy(policy_factory: Callable[[str], Path]) -> Path:
 def creator(root: None, test_policy: Path) -> Iterator[SocketCreator]:
     with SocketCreator(str(test_policy), audit_sink=None) as c:
         yield c
+
+
+@pytest.fixture
+def raw(root: None, test_policy: Path) -> Iterator[RawHelper]:
+    """A serving helper (it answered PING) whose channel the test drives byte by byte."""
+    helper = RawHelper(test_policy)
+    helper.wait_ready()
+    yield helper
+    helper.close()

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,14 +33,6 @@ from privsock.helper.protocol import Reason, Stage, Status, Transport
 from .helper_proc import RawHelper, fd_count, gone, proc_status
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture
-def raw(root: None, test_policy: Path) -> Iterator[RawHelper]:
-    helper = RawHelper(test_policy)
-    helper.wait_ready()
-    yield helper
-    helper.close()
 
 
 def _create_bytes(port: int = 53, rid: int = 7, **kw: object) -> bytes:

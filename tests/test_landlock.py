@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,14 +32,6 @@ pytestmark = pytest.mark.root
 
 AF_UNIX, AF_INET, AF_INET6, SOCK_STREAM, SOCK_DGRAM = 1, 2, 10, 1, 2
 SYS_BIND = 49
-
-
-@pytest.fixture
-def serving(root: None, test_policy: Path) -> Iterator[RawHelper]:
-    helper = RawHelper(test_policy)
-    helper.wait_ready()
-    yield helper
-    helper.close()
 
 
 def _bytes_at(var: str, data: bytes) -> list[str]:
@@ -88,12 +80,12 @@ def _alive(helper: RawHelper) -> None:
 
 @pytest.mark.parametrize("family", [AF_INET, AF_INET6], ids=["ipv4", "ipv6"])
 def test_injected_tcp_bind_to_a_denied_port_is_refused_by_the_kernel(
-    serving: RawHelper, family: int
+    raw: RawHelper, family: int
 ) -> None:
     # The helper holds CAP_NET_BIND_SERVICE and seccomp allows socket+bind, so
     # without Landlock this bind of port 22 (which the policy denies) succeeds.
     got = inject(
-        serving.pid,
+        raw.pid,
         f"set $fd = (int)socket({family}, {SOCK_STREAM}, 0)",
         'printf "fd=%d\\n", $fd',
         *_bind("$fd", _sockaddr(family, 22), "denied"),
@@ -104,28 +96,28 @@ def test_injected_tcp_bind_to_a_denied_port_is_refused_by_the_kernel(
     assert got["fd"] > 0, got
     assert (got["denied"], got["denied_errno"]) == (-1, errno.EACCES), got
     assert got["granted"] == 0, got
-    _alive(serving)
+    _alive(raw)
 
 
-def test_injected_udp_bind_to_a_denied_port_still_works(serving: RawHelper) -> None:
+def test_injected_udp_bind_to_a_denied_port_still_works(raw: RawHelper) -> None:
     # The residual SECURITY.md states: Landlock (ABI 7) has no UDP rights, so
     # code in the helper can bind any UDP port. When the kernel closes this,
     # this test fails and SECURITY.md must change with it.
     got = inject(
-        serving.pid,
+        raw.pid,
         f"set $fd = (int)socket({AF_INET}, {SOCK_DGRAM}, 0)",
         *_bind("$fd", _sockaddr(AF_INET, 22), "udp"),
         "set $c = (int)close($fd)",
     )
     assert got["udp"] == 0, got
-    _alive(serving)
+    _alive(raw)
 
 
 @pytest.mark.parametrize(
     "fd", ["0", "2", "0x100000000"], ids=["channel", "log", "channel-high-bits"]
 )
 def test_injected_bind_of_the_channel_to_a_path_is_sigsys(
-    serving: RawHelper, tmp_path: Path, fd: str
+    raw: RawHelper, tmp_path: Path, fd: str
 ) -> None:
     # Before: this created a socket file owned by privsock. The kernel reads the
     # fd as an int, so (1 << 32) | 0 is fd 0 too: seccomp must compare all 64 bits.
@@ -133,36 +125,36 @@ def test_injected_bind_of_the_channel_to_a_path_is_sigsys(
     tmp_path.chmod(0o777)
     address = _sockaddr(AF_UNIX, path=bytes(path))
     inject(
-        serving.pid,
+        raw.pid,
         *_bytes_at("$sa", address),
         f"set $r = (long)syscall({SYS_BIND}, (long){fd}, $sa, {len(address)})",
         'printf "bound=%d\\n", $r',
     )
-    assert serving.proc.wait(timeout=10) == -signal.SIGSYS
+    assert raw.proc.wait(timeout=10) == -signal.SIGSYS
     assert not path.exists()
 
 
-def test_injected_abstract_bind_of_the_channel_is_sigsys(serving: RawHelper) -> None:
-    name = b"\0privsock-squat-%d" % serving.pid
+def test_injected_abstract_bind_of_the_channel_is_sigsys(raw: RawHelper) -> None:
+    name = b"\0privsock-squat-%d" % raw.pid
     address = _sockaddr(AF_UNIX, path=name)[:-1]
     inject(
-        serving.pid,
+        raw.pid,
         *_bytes_at("$sa", address),
         f"set $r = (int)bind(0, $sa, {len(address)})",
         'printf "bound=%d\\n", $r',
     )
-    assert serving.proc.wait(timeout=10) == -signal.SIGSYS
+    assert raw.proc.wait(timeout=10) == -signal.SIGSYS
     assert b"@" + name[1:] not in Path("/proc/net/unix").read_bytes()
 
 
-def test_injected_af_unix_socket_is_sigsys(serving: RawHelper) -> None:
+def test_injected_af_unix_socket_is_sigsys(raw: RawHelper) -> None:
     got = inject(
-        serving.pid,
+        raw.pid,
         f"set $fd = (int)socket({AF_UNIX}, {SOCK_STREAM}, 0)",
         'printf "fd=%d\\n", $fd',
     )
     assert "fd" not in got, got
-    assert serving.proc.wait(timeout=10) == -signal.SIGSYS
+    assert raw.proc.wait(timeout=10) == -signal.SIGSYS
 
 
 # ---------------------------------------------------------------------------
@@ -254,8 +246,8 @@ def _startup_line(helper: RawHelper) -> str:
     return helper.proc.stderr.readline().decode()
 
 
-def test_startup_line_states_the_ruleset(serving: RawHelper) -> None:
-    line = _startup_line(serving)
+def test_startup_line_states_the_ruleset(raw: RawHelper) -> None:
+    line = _startup_line(raw)
     assert "hardened, serving" in line, line
     # TEST_POLICY: TCP 53, 80, 443 and 1000-1023, less 22 which is not in them
     assert "; Landlock: ABI " in line and "TCP bind to 27 port(s) only, no TCP connect" in line
@@ -316,8 +308,8 @@ def test_helper_without_landlock_serves_when_the_policy_allows_it(
     assert b"; Landlock: unavailable (the kernel has no Landlock, or a seccomp filter" in err
 
 
-def test_injection_harness_leaves_the_helper_serving(serving: RawHelper) -> None:
+def test_injection_harness_leaves_the_helper_serving(raw: RawHelper) -> None:
     # The harness's own check: gdb detaches cleanly and leaves a serving helper.
-    inject(serving.pid, 'printf "x=%d\\n", 1')
-    assert not gone(serving.pid, 0.2)
-    _alive(serving)
+    inject(raw.pid, 'printf "x=%d\\n", 1')
+    assert not gone(raw.pid, 0.2)
+    _alive(raw)
