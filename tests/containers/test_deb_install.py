@@ -138,6 +138,17 @@ def test_install_serve_and_purge(container: Container, deb: Path) -> None:
     assert unit["boss"] == [0, ""]
     assert "granted" in unit["journal"]  # type: ignore[operator]
 
+    # The policy is a conffile: an administrator's edit survives a reinstall
+    # (as an upgrade) and a remove; only a purge takes it away.
+    edit = "# edited by the administrator"
+    box.must("sh", "-c", f"echo '{edit}' >> /etc/privsock/policy.toml")
+    box.must("apt-get", "install", "-y", "-q", "--reinstall", f"/mnt/deb/{deb.name}")
+    assert box.must("tail", "-n1", "/etc/privsock/policy.toml").strip() == edit
+    box.must("apt-get", "remove", "-y", "-q", "privsock")
+    assert box.must("tail", "-n1", "/etc/privsock/policy.toml").strip() == edit
+    assert box.run("test", "-e", "/usr/bin/privsock").returncode == 1
+    box.must("getent", "passwd", "privsock")
+
     box.must("apt-get", "purge", "-y", "-q", "privsock")
     gone = box.check("purged")
     assert gone == {"user": 2, "groups": [2, 2], "left": [], "dpkg": ""}, gone
