@@ -20,7 +20,6 @@ figures with their min-max. The table goes to stdout and bench/RECIPES_LAST_RUN.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import random
 import shutil
@@ -30,12 +29,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+
+from run import bench_policy  # bench/run.py, next to this file
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-POLICY_SOURCE = REPO / "policy" / "examples" / "bench.toml"
 PRIVSOCK = REPO / ".venv" / "bin" / "privsock"
 PROXYD = "/lib/systemd/systemd-socket-proxyd"
 NGINX = "/usr/sbin/nginx"
@@ -88,18 +88,6 @@ def wait_answer(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0)
             if time.monotonic() > deadline:
                 sys.exit(f"recipes: nothing answers on port {port}")
             time.sleep(0.002)
-
-
-@contextlib.contextmanager
-def policy_file() -> Iterator[Path]:
-    tmp = Path(tempfile.mkdtemp(prefix="privsock-recipes-"))
-    try:
-        path = tmp / "bench.toml"
-        shutil.copyfile(POLICY_SOURCE, path)
-        path.chmod(0o644)
-        yield path
-    finally:
-        shutil.rmtree(tmp)
 
 
 def nginx_conf(prefix: Path, port: int) -> Path:
@@ -175,7 +163,7 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     per_request: dict[str, list[float]] = {k: [] for k in PORT}
     startup: dict[str, list[float]] = {"root": [], "privsock": []}
-    with policy_file() as policy, tempfile.TemporaryDirectory() as tmp:
+    with bench_policy() as policy, tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         shutil.chown(work, USER)
         work.chmod(0o755)
