@@ -53,8 +53,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from privsock.client import HELPER_ENV, SocketCreator, default_helper_argv
+from privsock.client import SocketCreator
 from privsock.helper import protocol
+from privsock.helperprocess import HELPER_ENV, default_helper_argv
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent

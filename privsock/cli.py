@@ -24,11 +24,11 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from privsock import __version__, auditsink, dropall, execcmd, inspection
-from privsock.client import shutdown_on_signals
 from privsock.helper import landlock
 from privsock.helper.exitcodes import Exit, Refusal
 from privsock.helper.policy_file import load_policy
 from privsock.helper.procstatus import StatusFormatError, parse_status, report
+from privsock.helperprocess import shutdown_on_signals
 from privsock.policyview import describe, warnings
 from privsock.run import bindreq
 from privsock.run import command as runcmd

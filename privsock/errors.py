@@ -118,3 +118,8 @@ class HelperCannotRestart(HelperDied):
             "its privileges should use SocketCreator(connect=PATH) with a socket-activated "
             "helper (deploy/systemd), which it can reconnect to without privilege",
         )
+
+
+class FdNotReceived(CreatorError):
+    """The helper sent a socket, but the kernel could not install it here
+    (MSG_CTRUNC: usually this process is out of file descriptors)."""

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from privsock.client import HELPER_ENV, default_helper_argv
 from privsock.helper import auditrecord, protocol
 from privsock.helper.protocol import REPLY_SIZE
+from privsock.helperprocess import HELPER_ENV, default_helper_argv
 
 
 class RawHelper:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from privsock.client import HELPER_ENV, SocketCreator, default_helper_argv
+from privsock.client import SocketCreator
 from privsock.errors import HelperDied, HelperStartError, PolicyDenied
+from privsock.helperprocess import HELPER_ENV, default_helper_argv
 
 pytestmark = pytest.mark.root
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from privsock.client import HELPER_ENV, default_helper_argv
 from privsock.helper import protocol
 from privsock.helper.exitcodes import Exit
 from privsock.helper.policyparse import parse_policy
 from privsock.helper.procstatus import parse_status, verdict
+from privsock.helperprocess import HELPER_ENV, default_helper_argv
 
 from .conftest import DEFAULT_POLICY, REPO
 from .containers.harness import PODMAN, Podman, build_rootfs, require_tools

@@ -331,7 +331,8 @@ def test_eintr_storms_on_both_sides_lose_and_duplicate_nothing(policy: Path) -> 
 
 FD_BOSS = """
 import errno, fcntl, json, os, resource, sys
-from privsock.client import FdNotReceived, SocketCreator
+from privsock.client import SocketCreator
+from privsock.errors import FdNotReceived
 
 def open_fds():
     out = []

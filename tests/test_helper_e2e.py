@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from privsock.client import HelperRestartLimit, SocketCreator
+from privsock.client import SocketCreator
 from privsock.errors import (
     CreatorOSError,
     HelperDied,
+    HelperRestartLimit,
     HelperStartError,
     PolicyDenied,
     RateLimited,
@@ -279,7 +280,8 @@ def test_allowed_syscalls_after_hardening_work(root: None, test_policy: Path) ->
 
 BOSS = """
 import sys, time
-from privsock.client import HelperRestartLimit, SocketCreator
+from privsock.client import SocketCreator
+from privsock.errors import HelperRestartLimit
 c = SocketCreator(sys.argv[1], audit_sink=None)
 c.start()
 print(c.pid, flush=True)

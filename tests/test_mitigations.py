@@ -17,10 +17,11 @@ from typing import Any
 
 import pytest
 
-from privsock.client import HELPER_ENV, SocketCreator, default_helper_argv
+from privsock.client import SocketCreator
 from privsock.errors import PolicyDenied
 from privsock.helper import auditrecord
 from privsock.helper.exitcodes import Exit
+from privsock.helperprocess import HELPER_ENV, default_helper_argv
 
 from .helper_proc import RawHelper, gone
 from .nonroot import AS_PRIVSOCK, NON_ROOT_START, readable_policy
@@ -290,7 +291,7 @@ from privsock.client import SocketCreator
 c = SocketCreator(sys.argv[1], audit_sink=None)
 c.start()
 # A child that holds the channel: the helper sees no EOF when the boss dies.
-keeper = subprocess.Popen(["sleep", "120"], pass_fds=[c._chan.fileno()])
+keeper = subprocess.Popen(["sleep", "120"], pass_fds=[c.process.chan.fileno()])
 print(c.pid, keeper.pid, flush=True)
 time.sleep(120)
 """

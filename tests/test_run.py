@@ -24,8 +24,9 @@ from typing import Any
 
 import pytest
 
-from privsock.client import HELPER_ENV, SocketCreator, default_helper_argv
+from privsock.client import SocketCreator
 from privsock.helper import auditrecord
+from privsock.helperprocess import HELPER_ENV, default_helper_argv
 from privsock.run import kernel
 from privsock.run.supervise import Supervisor
 

@@ -47,7 +47,8 @@ print(json.dumps({"boss": boss.returncode, "helper": helper, "orphans": orphans,
 
 LIBRARY_BOSS = """
 import signal, sys
-from privsock.client import SocketCreator, shutdown_on_signals
+from privsock.client import SocketCreator
+from privsock.helperprocess import shutdown_on_signals
 shutdown_on_signals()
 creator = SocketCreator(sys.argv[1], audit_sink=None)
 creator.start()
@@ -58,7 +59,7 @@ signal.pause()
 WITH_BOSS = """
 import signal, sys
 from privsock import SocketAllocator, SocketCreator
-from privsock.client import shutdown_on_signals
+from privsock.helperprocess import shutdown_on_signals
 shutdown_on_signals()
 with SocketCreator(sys.argv[1], audit_sink=None) as creator, SocketAllocator(creator) as alloc:
     alloc.get_bound_socket("udp", "127.0.0.1", 1022)

@@ -1,0 +1,296 @@
+"""The helper process of one SocketCreator: start it on a SOCK_SEQPACKET
+socketpair (or connect to one that systemd starts per connection), forward
+its stderr, reap it, and keep the restart budget.
+
+client.py speaks the protocol over ``HelperProcess.chan``; everything about
+the process's life is here. A helper that died is replaced on the next
+request, at most ``max_restarts`` times per ``restart_window``; one killed by
+its seccomp filter never is (restart() by hand).
+
+Every HelperProcess with a running helper is closed by an atexit hook at a
+normal interpreter exit. SIGTERM does not give a normal exit by default:
+call shutdown_on_signals() once in the main thread, and SIGTERM/SIGINT become
+SystemExit, so each helper gets EOF, exits 0 and is reaped by this process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from privsock import spawner
+from privsock.errors import (
+    CreatorError,
+    HelperCannotRestart,
+    HelperDied,
+    HelperRestartLimit,
+    HelperStartError,
+)
+from privsock.helper import auditrecord
+
+# Takes one audit record (privsock.helper.auditrecord), the helper's or the boss's.
+AuditSink = Callable[[dict[str, Any]], None]
+
+HELPER_MODULE = "privsock.helper.main"
+# What the helper may see of our environment: nothing of ours, and -I makes
+# Python ignore PYTHON* variables and the user site directory anyway.
+HELPER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+
+# Every helper is forked by one long-lived thread (privsock.spawner says why).
+_SPAWNER = spawner.SPAWNER
+
+# Every HelperProcess with a running helper, so that a normal interpreter exit
+# (sys.exit, SystemExit from shutdown_on_signals) closes and reaps them all.
+_LIVE: weakref.WeakSet[HelperProcess] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live() -> None:
+    for process in list(_LIVE):
+        process.close()
+
+
+def shutdown_on_signals(
+    signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> None:
+    """Make SIGTERM and SIGINT end this process by a normal exit (SystemExit with
+    status 128+signal), so ``with`` blocks, ``finally`` and atexit run and every
+    helper is closed and reaped: none is left as a zombie or an orphan. Without
+    it SIGTERM kills the boss outright, and its helpers die only by their
+    parent-death signal. Call it from the main thread."""
+
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in signals:
+        signal.signal(sig, _exit)
+
+
+def default_helper_argv() -> list[str]:
+    return [sys.executable, "-I", "-m", HELPER_MODULE]
+
+
+class HelperProcess:
+    """One helper at a time: ``policy`` (start it as a child) or ``connect``
+    (a socket-activated helper: no child process, and a restart is a reconnect).
+    ``audit_sink`` gets each of the helper's audit records."""
+
+    def __init__(
+        self,
+        *,
+        policy: str | None,
+        connect: str | None,
+        helper_argv: Sequence[str],
+        audit_sink: AuditSink | None,
+        start_timeout: float,
+        max_restarts: int,
+        restart_window: float,
+    ) -> None:
+        self.policy = policy
+        self.connect_path = connect
+        self.helper_argv = list(helper_argv)
+        self.audit_sink = audit_sink
+        self.start_timeout = start_timeout
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.chan: socket.socket | None = None
+        self._stderr: int | None = None  # the helper's stderr pipe, non-blocking
+        self._partial = b""
+        self._messages: collections.deque[str] = collections.deque(maxlen=20)
+        self._starts: collections.deque[float] = collections.deque()
+        self._fatal: HelperDied | None = None  # set once restarting is refused
+        self._closed = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def running(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return self.chan is not None
+
+    def launch(self) -> socket.socket:
+        """Start (or connect to) a helper and return the channel; the caller
+        checks the handshake. Raises HelperStartError if it cannot be run or reached."""
+        if self.chan is not None:
+            raise CreatorError("this SocketCreator already has a helper")
+        self._closed = False
+        self._starts.append(time.monotonic())
+        if self.connect_path is not None:
+            return self._connect(self.connect_path)
+        assert self.policy is not None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = _SPAWNER.submit(
+                subprocess.Popen, [*self.helper_argv, "--policy", self.policy],
+                stdin=theirs.fileno(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                close_fds=True, env=HELPER_ENV,
+            ).result()  # fmt: skip
+        except OSError as exc:
+            ours.close()
+            raise HelperStartError(None, f"cannot run {self.helper_argv[0]}: {exc}") from exc
+        finally:
+            theirs.close()
+        self.chan = ours
+        _LIVE.add(self)
+        self._messages.clear()
+        assert self.proc.stderr is not None
+        # No reader thread: the helper writes its audit line before each reply,
+        # so the line is in the pipe by the time the reply is; drain it then.
+        self._stderr = self.proc.stderr.fileno()
+        os.set_blocking(self._stderr, False)
+        return ours
+
+    def _connect(self, path: str) -> socket.socket:
+        chan = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        chan.settimeout(self.start_timeout)
+        try:
+            chan.connect(path)
+        except OSError as exc:
+            chan.close()
+            raise HelperStartError(None, f"cannot connect to {path}: {exc.strerror}") from None
+        self.chan = chan
+        _LIVE.add(self)
+        return chan
+
+    def may_restart(self) -> None:
+        """Raise unless a new helper may be started now: not after close(), not
+        after a seccomp kill, not before the first start, and within the budget."""
+        if self._closed:
+            raise CreatorError("this SocketCreator was closed")
+        if self._fatal is not None:
+            raise self._fatal
+        if not self._starts:
+            raise CreatorError("the helper was never started: call start() first")
+        now = time.monotonic()
+        while self._starts and now - self._starts[0] > self.restart_window:
+            self._starts.popleft()
+        if len(self._starts) > self.max_restarts:
+            self._fatal = HelperRestartLimit(
+                f"the helper died {len(self._starts)} times within "
+                f"{self.restart_window:g}s; not restarting it (see its audit log)"
+            )
+            raise self._fatal
+        self.check_can_start()
+
+    def check_can_start(self) -> None:
+        """Before a restart: a process that dropped its privileges cannot start
+        a helper, so say that rather than relay the new helper's refusal. (A
+        custom helper_argv may bring its own privilege: it is left to try.)"""
+        if self.connect_path is not None or self.helper_argv != default_helper_argv():
+            return
+        why = spawner.start_blocker()
+        if why is not None:
+            self._fatal = HelperCannotRestart(why)
+            raise self._fatal
+
+    def reset(self) -> None:
+        """Forget the restart budget and a seccomp kill (restart() by hand)."""
+        if self.chan is not None:
+            self.reap()
+        self._fatal = None
+        self._starts.clear()
+
+    def close(self) -> int | None:
+        """End the helper (closing the channel is its signal to exit) and reap it.
+        Returns its exit status."""
+        self._closed = True
+        _LIVE.discard(self)
+        return self.reap()
+
+    def kill(self) -> None:
+        """The helper misbehaved: kill and reap it. (A connected helper is not
+        our child: closing the channel ends it.)"""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        self.reap()
+
+    def died(self) -> HelperDied:
+        """The channel broke: reap the helper and say how it ended."""
+        returncode = self.reap()
+        died = HelperDied(returncode, self.last_message())
+        if died.killed_by_seccomp:
+            # A filter violation is a bug or an attack: restarting would give an
+            # exploit another try, so it takes a human (restart()).
+            self._fatal = HelperDied(
+                returncode, "not restarted automatically after a seccomp kill; "
+                "call restart() once the cause is known",
+            )  # fmt: skip
+        return died
+
+    def reap(self) -> int | None:
+        """Close the channel (a helper's cue to exit) and reap the helper,
+        killing it if it has not gone within 2 s."""
+        proc = self.proc
+        if self.chan is not None:
+            self.chan.close()
+            self.chan = None
+        if proc is None:
+            return None
+        try:
+            proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        self.drain_stderr(final=True)
+        self.proc = None
+        return proc.returncode
+
+    @property
+    def messages(self) -> tuple[str, ...]:
+        """The helper's stderr lines besides audit lines, oldest first (the last 20)."""
+        return tuple(self._messages)
+
+    def last_message(self) -> str:
+        return self._messages[-1] if self._messages else ""
+
+    def drain_stderr(self, final: bool = False) -> None:
+        """Forward the helper's audit lines; keep its other messages for errors.
+        ``final``: the helper is gone, read to the end and close the pipe."""
+        fd = self._stderr
+        if fd is None:
+            return
+        chunks = [self._partial]
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                final = True
+                break
+            chunks.append(chunk)
+        *lines, self._partial = b"".join(chunks).split(b"\n")
+        if final:
+            lines.append(self._partial)
+            self._partial = b""
+            assert self.proc is not None and self.proc.stderr is not None
+            self.proc.stderr.close()
+            self._stderr = None
+        for raw in lines:
+            if raw:
+                self._stderr_line(raw.decode("utf-8", "replace"))
+
+    def _stderr_line(self, line: str) -> None:
+        if self.audit_sink is None and line.startswith("{"):
+            return  # an audit line nobody wants: not worth parsing
+        try:
+            rec = auditrecord.parse(line)
+        except ValueError:
+            self._messages.append(line.removeprefix("privsock-helper: "))
+            return
+        if self.audit_sink is not None:
+            self.audit_sink(rec)
