@@ -53,9 +53,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+# Run as a script: the checkout's root, for the test driver it shares (tests/helper_proc).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from privsock.client import SocketCreator
 from privsock.helper import protocol
 from privsock.helperprocess import HELPER_ENV, default_helper_argv
+from tests.helper_proc import HelperChannel
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -170,26 +174,15 @@ def authbind_port() -> Iterator[None]:
 # The things measured
 
 
-class RawHelper:
-    """A helper process on a channel the bench drives itself (no SocketCreator).
-    Its stderr (the audit log) goes to a temporary file: no reader competes for
-    the two cores, so the rows driven this way show the helper's own cost."""
+class RawHelper(HelperChannel):
+    """A helper process on the raw test channel (no SocketCreator). Its stderr
+    (the audit log) goes to a temporary file: no reader competes for the two
+    cores, so the rows driven this way show the helper's own cost."""
 
     def __init__(self, argv: list[str]) -> None:
-        self.chan, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
-            argv, stdin=theirs.fileno(), stdout=subprocess.DEVNULL, stderr=self.log,
-            env=HELPER_ENV, close_fds=True,
-        )  # fmt: skip
-        theirs.close()
-        self.chan.settimeout(10)
-        self.chan.send(protocol.encode_request(protocol.Ping(1)))
-        try:
-            reply = self.chan.recv(protocol.REPLY_SIZE + 1)
-        except OSError:
-            reply = b""
-        if not reply or protocol.decode_reply(reply).status is not protocol.Status.OK:
+        super().__init__(argv, stderr=self.log)
+        if not self.ping_ok():
             self.close()
             raise BenchError(f"{argv[0]} did not answer PING: {self.tail[-300:]!r}")
         self.chan.settimeout(None)
@@ -200,16 +193,10 @@ class RawHelper:
         self.log.seek(max(0, self.log.tell() - 4096))
         return self.log.read()
 
-
     def close(self) -> int:
-        self.chan.close()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        code = super().close()
         self.log.close()
-        return int(self.proc.returncode)
+        return code
 
 
 class AuthbindWorker:

@@ -46,7 +46,6 @@ import os
 import random
 import select
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -61,10 +60,9 @@ from typing import IO
 
 from fuzz import model
 from fuzz.model import CREATE, MALFORMED, OK, OS_ERROR, PING, RATE_LIMITED, STAGE_BIND, TCP, UDP
-from privsock.helper import protocol
+from tests.helper_proc import HelperChannel
 
 PYTHON = sys.executable
-HELPER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 HELPER = [PYTHON, "-I", "-m", "privsock.helper.main"]
 REPLY_TIMEOUT = 10.0  # a bound on every wait, far above any real reply time
 SAMPLE_EVERY = 2_500
@@ -299,27 +297,17 @@ class Datagrams:
 # The helper and the fds we throw at it
 
 
-class LiveHelper:
-    """A real helper on a SOCK_SEQPACKET socketpair; its audit lines are counted."""
+class LiveHelper(HelperChannel):
+    """A real helper on the raw test channel; its audit lines are counted."""
 
     def __init__(self, policy: Path, argv: list[str]) -> None:
         self.started = time.monotonic()
-        self.chan, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.proc = subprocess.Popen(
-            [*argv, "--policy", str(policy)], stdin=theirs, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, env=HELPER_ENV, close_fds=True,
-        )  # fmt: skip
-        theirs.close()
-        self.chan.settimeout(REPLY_TIMEOUT)
+        super().__init__([*argv, "--policy", str(policy)], timeout=REPLY_TIMEOUT)
         self.decisions: collections.Counter[str] = collections.Counter()
         self.messages: list[str] = []
         assert self.proc.stderr is not None
         self.reader = threading.Thread(target=self._drain, args=(self.proc.stderr,), daemon=True)
         self.reader.start()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
 
     def _drain(self, stream: IO[bytes]) -> None:
         with stream:
@@ -328,23 +316,6 @@ class LiveHelper:
                     self.decisions[json.loads(line)["decision"]] += 1
                 except (ValueError, KeyError, TypeError):
                     self.messages.append(line.decode("utf-8", "replace").rstrip())
-
-    def send(self, data: bytes, fds: list[int], creds: bool) -> None:
-        ancillary = []
-        if fds:
-            ancillary.append(
-                (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
-            )
-        if creds:
-            ucred = struct.pack("iII", os.getpid(), os.getuid(), os.getgid())
-            ancillary.append((socket.SOL_SOCKET, socket.SCM_CREDENTIALS, ucred))
-        self.chan.sendmsg([data], ancillary)
-
-    def recv(self) -> tuple[bytes, list[int], int]:
-        data, ancillary, flags, _ = self.chan.recvmsg(
-            64, socket.CMSG_SPACE(16 * 4), socket.MSG_CMSG_CLOEXEC
-        )
-        return data, protocol.received_fds(ancillary), flags
 
     def end(self, creds: bool = False) -> int | None:
         """The documented end of a session: a zero-length message. Returns the
@@ -360,14 +331,12 @@ class LiveHelper:
         self.close()
         return code
 
-    def close(self) -> None:
+    def close(self) -> int:
+        # The reader owns the stderr pipe: it closes it at end of file.
         self.chan.close()
-        try:
-            self.proc.wait(timeout=REPLY_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        code = self.reap(REPLY_TIMEOUT)
         self.reader.join(timeout=REPLY_TIMEOUT)
+        return code
 
 
 @contextmanager

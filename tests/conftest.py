@@ -12,7 +12,7 @@ import pytest
 
 from privsock.client import SocketCreator
 
-from .helper_proc import RawHelper
+from .helper_proc import HelperChannel
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_POLICY = REPO / "policy" / "default.toml"
@@ -78,9 +78,9 @@ def creator(root: None, test_policy: Path) -> Iterator[SocketCreator]:
 
 
 @pytest.fixture
-def raw(root: None, test_policy: Path) -> Iterator[RawHelper]:
+def raw(root: None, test_policy: Path) -> Iterator[HelperChannel]:
     """A serving helper (it answered PING) whose channel the test drives byte by byte."""
-    helper = RawHelper(test_policy)
+    helper = HelperChannel.for_policy(test_policy)
     helper.wait_ready()
     yield helper
     helper.close()

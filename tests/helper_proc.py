@@ -1,54 +1,96 @@
-"""Test utilities: a helper process driven with raw bytes, and /proc readings."""
+"""Test utilities: a helper process driven with raw bytes (also the live
+fuzzer's and the bench's), and /proc readings."""
 
 from __future__ import annotations
 
 import array
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from privsock.helper import auditrecord, protocol
 from privsock.helper.protocol import REPLY_SIZE
 from privsock.helperprocess import HELPER_ENV, default_helper_argv
 
 
-class RawHelper:
-    """A real helper whose channel the test drives byte by byte."""
+class HelperChannel:
+    """A helper process (or any program that speaks the protocol on fd 0) on a
+    SOCK_SEQPACKET channel driven with raw bytes: the one raw-channel driver of
+    the tests, the live fuzzer (fuzz/live.py) and the bench (bench/run.py).
+    ``stderr`` is where the process's stderr goes: a pipe (``.proc.stderr``) by
+    default, or a file."""
 
-    def __init__(self, policy: Path, argv: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        stderr: int | IO[bytes] = subprocess.PIPE,
+        timeout: float | None = 10.0,
+    ) -> None:
         self.chan, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.proc = subprocess.Popen(
-            [*(argv or default_helper_argv()), "--policy", str(policy)],
-            stdin=theirs, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            list(argv), stdin=theirs, stdout=subprocess.DEVNULL, stderr=stderr,
             env=HELPER_ENV, close_fds=True,
-        )
+        )  # fmt: skip
         theirs.close()
-        self.chan.settimeout(10)
+        self.chan.settimeout(timeout)
+
+    @classmethod
+    def for_policy(cls, policy: Path, argv: Sequence[str] | None = None) -> HelperChannel:
+        """privsock's helper (or ``argv``) started with ``--policy policy``."""
+        return cls([*(argv or default_helper_argv()), "--policy", str(policy)])
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    def send(self, data: bytes, fds: list[int] | None = None) -> None:
+    def send(self, data: bytes, fds: Sequence[int] = (), creds: bool = False) -> None:
+        """One message; ``fds`` as SCM_RIGHTS, ``creds`` adds our SCM_CREDENTIALS."""
         anc = []
         if fds:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            anc.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes()))
+        if creds:
+            ucred = struct.pack("iII", os.getpid(), os.getuid(), os.getgid())
+            anc.append((socket.SOL_SOCKET, socket.SCM_CREDENTIALS, ucred))
         self.chan.sendmsg([data], anc)
 
     def recv(self) -> tuple[bytes, list[int], int]:
+        """One message (up to 64 bytes more than a reply, to see an over-long one),
+        the fds it carried and recvmsg's flags."""
         data, anc, flags, _ = self.chan.recvmsg(
             REPLY_SIZE + 64, socket.CMSG_SPACE(16 * 4), socket.MSG_CMSG_CLOEXEC
         )
         return data, protocol.received_fds(anc), flags
 
-    def exchange(self, data: bytes, fds: list[int] | None = None) -> tuple[bytes, list[int]]:
+    def exchange(self, data: bytes, fds: Sequence[int] = ()) -> tuple[bytes, list[int]]:
         self.send(data, fds)
         reply, got, _ = self.recv()
         return reply, got
+
+    def ping_ok(self) -> bool:
+        """Whether a PING is answered OK: the helper serves only once hardened."""
+        try:
+            reply, fds = self.exchange(protocol.encode_request(protocol.Ping(424242)))
+        except OSError:
+            return False
+        return not fds and len(reply) == REPLY_SIZE and (
+            protocol.decode_reply(reply).status is protocol.Status.OK
+        )
+
+    def reap(self, timeout: float = 5.0) -> int:
+        """Wait for the process to exit (kill it after ``timeout``); its status."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return int(self.proc.returncode)
 
     def audit_lines(self) -> list[dict[str, Any]]:
         """The audit lines the helper has written so far (each comes before its
@@ -60,20 +102,15 @@ class RawHelper:
 
     def wait_ready(self) -> None:
         """Serving starts only after hardening; a PING answered means hardened."""
-        reply, fds = self.exchange(protocol.encode_request(protocol.Ping(424242)))
-        assert not fds
-        assert protocol.decode_reply(reply).status is protocol.Status.OK
+        assert self.ping_ok()
 
     def close(self) -> int:
+        """End of session (the channel closed), the process reaped."""
         self.chan.close()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        code = self.reap()
         if self.proc.stderr:
             self.proc.stderr.close()
-        return self.proc.returncode
+        return code
 
 
 def fd_count(pid: int) -> int:

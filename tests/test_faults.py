@@ -35,6 +35,7 @@ from privsock.errors import (
 )
 from privsock.helper.exitcodes import Exit
 from privsock.helper.protocol import Stage
+from privsock.helperprocess import HELPER_ENV
 
 from .helper_proc import gone
 from .test_supervision import SYS_POLL, SYS_RECVMSG, wait_in_syscall
@@ -174,7 +175,7 @@ def test_audit_pipe_closed_mid_request_ends_the_helper_cleanly(policy: Path) -> 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     proc = subprocess.Popen(
         [*live.netns_argv(), "--policy", str(policy)], stdin=theirs,
-        stderr=subprocess.PIPE, env=live.HELPER_ENV,
+        stderr=subprocess.PIPE, env=HELPER_ENV,
     )  # fmt: skip
     theirs.close()
     with ours:

@@ -31,7 +31,7 @@ from privsock.helper.exitcodes import Exit
 from privsock.helper.procstatus import parse_status, verdict
 from privsock.helper.protocol import Reason, Stage, Status, Transport
 
-from .helper_proc import RawHelper, fd_count, gone, proc_status
+from .helper_proc import HelperChannel, fd_count, gone, proc_status
 
 pytestmark = pytest.mark.root
 
@@ -148,7 +148,7 @@ def _mutations() -> list[bytes]:
 
 
 @pytest.mark.parametrize("data", _mutations(), ids=lambda d: f"len{len(d)}-{d[:12].hex()}")
-def test_malformed_gets_malformed_and_helper_goes_on(raw: RawHelper, data: bytes) -> None:
+def test_malformed_gets_malformed_and_helper_goes_on(raw: HelperChannel, data: bytes) -> None:
     reply, fds = raw.exchange(data)
     assert fds == []
     decoded = protocol.decode_reply(reply)
@@ -160,14 +160,14 @@ def test_malformed_gets_malformed_and_helper_goes_on(raw: RawHelper, data: bytes
     os.close(fds[0])
 
 
-def test_ping_with_payload_is_malformed(raw: RawHelper) -> None:
+def test_ping_with_payload_is_malformed(raw: HelperChannel) -> None:
     data = bytearray(protocol.encode_request(protocol.Ping(5)))
     data[20] = 1
     reply, _ = raw.exchange(bytes(data))
     assert protocol.decode_reply(reply).status is Status.MALFORMED
 
 
-def test_fds_sent_to_helper_are_refused_and_closed(raw: RawHelper, tmp_path: Path) -> None:
+def test_fds_sent_to_helper_are_refused_and_closed(raw: HelperChannel, tmp_path: Path) -> None:
     before = fd_count(raw.pid)
     r, w = os.pipe()
     f = os.open(tmp_path / "x", os.O_CREAT | os.O_RDWR)
@@ -188,7 +188,7 @@ def test_fds_sent_to_helper_are_refused_and_closed(raw: RawHelper, tmp_path: Pat
         s2.close()
 
 
-def test_zero_length_message_ends_the_session_cleanly(raw: RawHelper) -> None:
+def test_zero_length_message_ends_the_session_cleanly(raw: HelperChannel) -> None:
     raw.send(b"")
     assert raw.proc.wait(timeout=5) == Exit.OK
 

@@ -21,7 +21,7 @@ import pytest
 from privsock.helper import protocol
 from privsock.helper.protocol import Stage, Status, Transport
 
-from .helper_proc import RawHelper
+from .helper_proc import HelperChannel
 
 pytestmark = pytest.mark.root
 
@@ -41,12 +41,12 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.001)
 
 
-def helper_read_everything(h: RawHelper) -> None:
+def helper_read_everything(h: HelperChannel) -> None:
     """Our requests are charged to our socket until the helper has read them."""
     wait_until(lambda: _queued(h.chan, termios.TIOCOUTQ) == 0, "the helper read our requests")
 
 
-def reply_waiting(h: RawHelper) -> None:
+def reply_waiting(h: HelperChannel) -> None:
     wait_until(lambda: _queued(h.chan, termios.FIONREAD) > 0, "a reply is waiting for us")
 
 
@@ -55,12 +55,12 @@ def create(rid: int, port: int) -> bytes:
 
 
 @pytest.fixture
-def helpers(root: None, test_policy: Path) -> Iterator[list[RawHelper]]:
-    started: list[RawHelper] = []
+def helpers(root: None, test_policy: Path) -> Iterator[list[HelperChannel]]:
+    started: list[HelperChannel] = []
 
-    def more(n: int) -> list[RawHelper]:
+    def more(n: int) -> list[HelperChannel]:
         for _ in range(n):
-            h = RawHelper(test_policy)
+            h = HelperChannel.for_policy(test_policy)
             h.wait_ready()
             started.append(h)
         return started

@@ -25,7 +25,7 @@ from privsock.helper import landlock, protocol
 from privsock.helper.exitcodes import Exit
 
 from .conftest import NO_LANDLOCK_POLICY
-from .helper_proc import RawHelper, gone
+from .helper_proc import HelperChannel, gone
 from .test_mitigations import _refusal
 
 pytestmark = pytest.mark.root
@@ -72,7 +72,7 @@ def _bind(fd: str, address: bytes, name: str) -> list[str]:
     ]
 
 
-def _alive(helper: RawHelper) -> None:
+def _alive(helper: HelperChannel) -> None:
     reply, fds = helper.exchange(protocol.encode_request(protocol.Ping(7)))
     assert not fds
     assert protocol.decode_reply(reply).status is protocol.Status.OK
@@ -80,7 +80,7 @@ def _alive(helper: RawHelper) -> None:
 
 @pytest.mark.parametrize("family", [AF_INET, AF_INET6], ids=["ipv4", "ipv6"])
 def test_injected_tcp_bind_to_a_denied_port_is_refused_by_the_kernel(
-    raw: RawHelper, family: int
+    raw: HelperChannel, family: int
 ) -> None:
     # The helper holds CAP_NET_BIND_SERVICE and seccomp allows socket+bind, so
     # without Landlock this bind of port 22 (which the policy denies) succeeds.
@@ -99,7 +99,7 @@ def test_injected_tcp_bind_to_a_denied_port_is_refused_by_the_kernel(
     _alive(raw)
 
 
-def test_injected_udp_bind_to_a_denied_port_still_works(raw: RawHelper) -> None:
+def test_injected_udp_bind_to_a_denied_port_still_works(raw: HelperChannel) -> None:
     # The residual SECURITY.md states: Landlock (ABI 7) has no UDP rights, so
     # code in the helper can bind any UDP port. When the kernel closes this,
     # this test fails and SECURITY.md must change with it.
@@ -117,7 +117,7 @@ def test_injected_udp_bind_to_a_denied_port_still_works(raw: RawHelper) -> None:
     "fd", ["0", "2", "0x100000000"], ids=["channel", "log", "channel-high-bits"]
 )
 def test_injected_bind_of_the_channel_to_a_path_is_sigsys(
-    raw: RawHelper, tmp_path: Path, fd: str
+    raw: HelperChannel, tmp_path: Path, fd: str
 ) -> None:
     # Before: this created a socket file owned by privsock. The kernel reads the
     # fd as an int, so (1 << 32) | 0 is fd 0 too: seccomp must compare all 64 bits.
@@ -134,7 +134,7 @@ def test_injected_bind_of_the_channel_to_a_path_is_sigsys(
     assert not path.exists()
 
 
-def test_injected_abstract_bind_of_the_channel_is_sigsys(raw: RawHelper) -> None:
+def test_injected_abstract_bind_of_the_channel_is_sigsys(raw: HelperChannel) -> None:
     name = b"\0privsock-squat-%d" % raw.pid
     address = _sockaddr(AF_UNIX, path=name)[:-1]
     inject(
@@ -147,7 +147,7 @@ def test_injected_abstract_bind_of_the_channel_is_sigsys(raw: RawHelper) -> None
     assert b"@" + name[1:] not in Path("/proc/net/unix").read_bytes()
 
 
-def test_injected_af_unix_socket_is_sigsys(raw: RawHelper) -> None:
+def test_injected_af_unix_socket_is_sigsys(raw: HelperChannel) -> None:
     got = inject(
         raw.pid,
         f"set $fd = (int)socket({AF_UNIX}, {SOCK_STREAM}, 0)",
@@ -241,12 +241,12 @@ def test_abi_version_matches_the_kernel() -> None:
 # Start-up: the line that says it, the self-check probe, a kernel without Landlock.
 
 
-def _startup_line(helper: RawHelper) -> str:
+def _startup_line(helper: HelperChannel) -> str:
     assert helper.proc.stderr is not None
     return helper.proc.stderr.readline().decode()
 
 
-def test_startup_line_states_the_ruleset(raw: RawHelper) -> None:
+def test_startup_line_states_the_ruleset(raw: HelperChannel) -> None:
     line = _startup_line(raw)
     assert "hardened, serving" in line, line
     # TEST_POLICY: TCP 53, 80, 443 and 1000-1023, less 22 which is not in them
@@ -308,7 +308,7 @@ def test_helper_without_landlock_serves_when_the_policy_allows_it(
     assert b"; Landlock: unavailable (the kernel has no Landlock, or a seccomp filter" in err
 
 
-def test_injection_harness_leaves_the_helper_serving(raw: RawHelper) -> None:
+def test_injection_harness_leaves_the_helper_serving(raw: HelperChannel) -> None:
     # The harness's own check: gdb detaches cleanly and leaves a serving helper.
     inject(raw.pid, 'printf "x=%d\\n", 1')
     assert not gone(raw.pid, 0.2)

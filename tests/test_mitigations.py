@@ -23,7 +23,7 @@ from privsock.helper import auditrecord
 from privsock.helper.exitcodes import Exit
 from privsock.helperprocess import HELPER_ENV, default_helper_argv
 
-from .helper_proc import RawHelper, gone
+from .helper_proc import HelperChannel, gone
 from .nonroot import AS_PRIVSOCK, NON_ROOT_START, readable_policy
 
 pytestmark = pytest.mark.root
@@ -249,7 +249,7 @@ def test_helper_logs_every_decision(root: None, test_policy: Path) -> None:
 
 
 def test_helper_logs_malformed_requests(root: None, test_policy: Path) -> None:
-    raw = RawHelper(test_policy)
+    raw = HelperChannel.for_policy(test_policy)
     try:
         raw.wait_ready()
         raw.exchange(b"PS\x01\x01\x00\x00\x00\x09garbage")
@@ -357,9 +357,11 @@ def test_same_uid_process_cannot_read_the_helper(
     # A non-root start changes no uid, so the kernel leaves the process
     # dumpable: only the helper's own PR_SET_DUMPABLE protects it there.
     if start == "root-start":
-        raw = RawHelper(test_policy)
+        raw = HelperChannel.for_policy(test_policy)
     else:
-        raw = RawHelper(shared_policy, argv=[*NON_ROOT_START, *default_helper_argv()])
+        raw = HelperChannel.for_policy(
+            shared_policy, argv=[*NON_ROOT_START, *default_helper_argv()]
+        )
     try:
         raw.wait_ready()
         assert _probe(raw.pid) == "denied denied"

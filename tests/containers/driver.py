@@ -45,7 +45,7 @@ from privsock.errors import (  # noqa: E402
 from privsock.helper import protocol  # noqa: E402
 from privsock.helper.procstatus import parse_status, verdict  # noqa: E402
 from privsock.helper.protocol import Status, Transport  # noqa: E402
-from tests.helper_proc import RawHelper  # noqa: E402
+from tests.helper_proc import HelperChannel  # noqa: E402
 
 RESULT_MARK = "PRIVSOCK-RESULT "
 READY_MARK = "PRIVSOCK-READY "
@@ -223,7 +223,7 @@ def _status(data: bytes) -> str:
     return protocol.decode_reply(data).status.name
 
 
-def _malformed_replies(raw: RawHelper) -> dict[str, str]:
+def _malformed_replies(raw: HelperChannel) -> dict[str, str]:
     seen = {name: _status(raw.exchange(data)[0]) for name, data in _malformed().items()}
     # A request carrying an fd: refused, and the helper closes its copy at once
     # (the pipe reads end-of-file once ours is closed too).
@@ -236,7 +236,7 @@ def _malformed_replies(raw: RawHelper) -> dict[str, str]:
     return seen
 
 
-def _flood(raw: RawHelper, count: int) -> tuple[dict[str, int], int]:
+def _flood(raw: HelperChannel, count: int) -> tuple[dict[str, int], int]:
     """CREATE requests back to back: replies by status, and the last retry-after."""
     counts: dict[str, int] = {}
     retry_ms = 0
@@ -253,7 +253,7 @@ def _flood(raw: RawHelper, count: int) -> tuple[dict[str, int], int]:
 
 def cmd_attack(args: argparse.Namespace, out: dict[str, Any]) -> None:
     out["self"] = own_facts()
-    raw = RawHelper(Path(args.policy))
+    raw = HelperChannel.for_policy(Path(args.policy))
     try:
         raw.wait_ready()
         out["helper"] = status_of(raw.pid)
