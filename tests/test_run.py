@@ -1026,3 +1026,40 @@ def test_a_program_in_its_own_network_namespace_binds_there(test_policy: Path) -
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout == "reached its own socket\n"
+
+
+def test_ctrl_c_on_the_terminal_stops_the_program(test_policy: Path) -> None:
+    """The program has no terminal; Ctrl-C reaches the supervisor (in the
+    terminal's foreground group), which passes SIGINT on."""
+    script = "import socket, time; socket.socket().bind(('127.0.0.1', 1013)); " \
+        "print('serving', flush=True); time.sleep(60)"  # fmt: skip
+    argv = privsock_run(test_policy, PY, "-c", script)
+    pid, master = pty.fork()
+    if pid == 0:  # pragma: no cover (the child: privsock run on a terminal of its own)
+        os.execv(argv[0], argv)
+    seen = b""
+    deadline = time.monotonic() + 60
+    while b"serving" not in seen and time.monotonic() < deadline:
+        if select.select([master], [], [], 1)[0]:
+            try:
+                seen += os.read(master, 4096)
+            except OSError:
+                break
+    assert b"serving" in seen, seen
+    os.write(master, b"\x03")  # the terminal's INTR character
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if select.select([master], [], [], 0.2)[0]:
+            try:
+                os.read(master, 4096)
+            except OSError:
+                pass
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise AssertionError("Ctrl-C did not stop privsock run")
+    os.close(master)
+    assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGINT  # KeyboardInterrupt's
