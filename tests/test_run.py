@@ -191,6 +191,14 @@ PROBE = textwrap.dedent(r"""
         s.close()
         return "bound"
 
+    def udp_reuseaddr():
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", 53))
+        finally:
+            s.close()
+
     def sctp():
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 132)
         try:
@@ -285,6 +293,12 @@ def test_already_bound_and_unserved_protocols(probe_run: dict[str, Any]) -> None
     # SCTP may be missing from the kernel (EPROTONOSUPPORT at socket()); if the
     # socket exists, its privileged bind is refused.
     assert out["sctp"]["errno"] in ("EACCES", "EPROTONOSUPPORT", "ESOCKTNOSUPPORT")
+
+
+def test_udp_reuseaddr_is_the_policys_to_refuse(probe_run: dict[str, Any]) -> None:
+    assert probe_run["out"]["udp_reuseaddr"]["errno"] == "EACCES"
+    assert "bind(127.0.0.1:53) refused: policy: udp:127.0.0.1:53: denied by policy (option)" \
+        in probe_run["stderr"]  # fmt: skip
 
 
 def test_every_grant_was_delivered(probe_run: dict[str, Any]) -> None:
