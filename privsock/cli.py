@@ -1,6 +1,8 @@
 """The `privsock` command: the boss side for humans and supervisors.
 
-    privsock check-policy [FILE] the helper's verdict on a policy, and what it grants
+    privsock check-policy [FILE] the helper's verdict on a policy, and what it grants to whom
+    privsock check-policy [FILE] --as USER tcp:0.0.0.0:80
+                                 would USER's request be granted, and by which rule
     privsock inspect PID         is that process hardened as privsock promises for its
                                  role (helper, or a server exec dropped; --expect)?
     privsock exec [--policy FILE] --user USER --listen tcp:0.0.0.0:80 ... -- CMD ARGS
@@ -26,10 +28,12 @@ from typing import NoReturn
 from privsock import __version__, auditsink, dropall, execcmd, inspection
 from privsock.helper import landlock
 from privsock.helper.exitcodes import Exit, Refusal
+from privsock.helper.policy import Policy
 from privsock.helper.policy_file import load_policy
 from privsock.helper.procstatus import StatusFormatError, parse_status, report
+from privsock.helper.protocol import OPTION_NAMES, Option
 from privsock.helperprocess import shutdown_on_signals
-from privsock.policyview import describe, warnings
+from privsock.policyview import describe, explain, peer_of, warnings
 from privsock.run import bindreq
 from privsock.run import command as runcmd
 
@@ -182,12 +186,35 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
     except Refusal as exc:
         print(f"privsock: REFUSED: {exc}", file=sys.stderr)
         return exc.exit_code
+    if args.as_ is not None:
+        return _explain(policy, args)
     print(f"{args.file}: OK, the helper would accept this policy")
     for line in describe(policy):
         print(f"  {line}")
     for line in warnings(policy):
         print(f"WARNING: {line}")
     return Exit.OK
+
+
+def _explain(policy: Policy, args: argparse.Namespace) -> int:
+    user, spec = args.as_
+    try:
+        listen = execcmd.parse_listen(spec)
+    except ValueError as exc:
+        raise UsageError(f"check-policy: --as: {exc}") from None
+    try:
+        peer = peer_of(user)
+    except KeyError:
+        print(f"privsock: check-policy: no user {user!r} on this system", file=sys.stderr)
+        return Exit.NOUSER
+    options = Option(0)
+    for name in args.option:
+        options |= OPTION_NAMES[name]
+    verdict, lines = explain(policy, peer, user, listen.transport, listen.address, listen.port,
+                             options)  # fmt: skip
+    for line in lines:
+        print(line)
+    return Exit.OK if verdict.allowed else Exit.NOPERM
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -251,9 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="privsock", description="privileged socket creator (boss side)")
     parser.add_argument("--version", action="version", version=f"privsock {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser("check-policy", help="check a policy file as the helper would")
+    p = sub.add_parser(
+        "check-policy", help="check a policy file as the helper would",
+        description="Check FILE as the helper would and say what it grants to whom. With "
+        "--as USER SPEC: the verdict on one request from USER and the rule that decided it "
+        "(exit 0 granted, 77 denied).",
+    )  # fmt: skip
     p.add_argument("file", nargs="?", default=DEFAULT_POLICY,
                    help=f"the policy file (default {DEFAULT_POLICY})")  # fmt: skip
+    p.add_argument("--as", dest="as_", nargs=2, metavar=("USER", "SPEC"),
+                   help="explain the verdict on SPEC (tcp:0.0.0.0:80) for USER")  # fmt: skip
+    p.add_argument("--option", action="append", default=[], choices=list(OPTION_NAMES),
+                   help="with --as: a socket option the request asks for; repeatable")  # fmt: skip
     p.set_defaults(func=cmd_check_policy)
     p = sub.add_parser(
         "inspect", help="check that a running process is hardened",

@@ -23,14 +23,14 @@ RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 def test_fields_are_the_documented_ones() -> None:
     assert FIELDS == (
         "time", "side", "pid", "id", "op", "transport", "address", "port", "options",
-        "decision", "reason", "rule", "errno", "retry_ms",
+        "decision", "reason", "rule", "errno", "retry_ms", "peer_uid", "peer_pid",
     )  # fmt: skip
 
 
 def test_record_for_a_granted_create() -> None:
     req = Create(7, Transport.UDP, V6, 53, Option.REUSEADDR | Option.V6ONLY)
     rec = record(now=NOW, side="helper", pid=4242, request_id=7, request=req,
-                 decision="granted", rule="allow[0]")  # fmt: skip
+                 decision="granted", rule="allow[0]", peer_uid=1001, peer_pid=77)  # fmt: skip
     assert tuple(rec) == FIELDS
     assert rec == {
         "time": "2026-11-26T20:00:00.500000Z",
@@ -47,6 +47,8 @@ def test_record_for_a_granted_create() -> None:
         "rule": "allow[0]",
         "errno": None,
         "retry_ms": None,
+        "peer_uid": 1001,
+        "peer_pid": 77,
     }
 
 
@@ -70,7 +72,8 @@ def test_record_for_malformed_has_nulls() -> None:
                  decision="malformed", reason="request is 5 bytes, not 32")  # fmt: skip
     assert tuple(rec) == FIELDS
     assert rec["id"] == 0
-    for key in ("op", "transport", "address", "port", "rule", "errno", "retry_ms"):
+    for key in ("op", "transport", "address", "port", "rule", "errno", "retry_ms", "peer_uid",
+                "peer_pid"):  # fmt: skip
         assert rec[key] is None, key
     assert rec["options"] == []
     assert rec["reason"] == "request is 5 bytes, not 32"
@@ -104,7 +107,7 @@ def test_encode_is_one_compact_ascii_line_in_field_order() -> None:
         b'{"time":"2026-11-26T20:00:00.500000Z","side":"helper","pid":4242,"id":7,'
         b'"op":"CREATE","transport":"tcp","address":"192.0.2.10","port":443,'
         b'"options":["reuseport"],"decision":"denied","reason":"port","rule":"deny[1]",'
-        b'"errno":null,"retry_ms":null}\n'
+        b'"errno":null,"retry_ms":null,"peer_uid":null,"peer_pid":null}\n'
     )
     assert tuple(json.loads(line)) == FIELDS
 

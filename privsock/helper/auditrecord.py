@@ -17,6 +17,9 @@ Fields (always present, in this order; absent values are null):
   rule      the policy rule that decided ("allow[0]", "deny[1]", "default")
   errno     os_error: the errno number; rate_limited: null
   retry_ms  rate_limited: milliseconds until a retry can succeed
+  peer_uid  helper: the uid of the process on the other end of the channel
+            (SO_PEERCRED: the boss that connected, or that made the socketpair)
+  peer_pid  helper: that process's pid when it connected; boss lines: null
 
 Pure: building a line does no I/O and opens no file (the helper formats lines
 under seccomp). The time is passed in.
@@ -32,7 +35,7 @@ from privsock.helper.protocol import OPTION_NAMES, Create, Option, Ping, Request
 
 FIELDS = (
     "time", "side", "pid", "id", "op", "transport", "address", "port", "options",
-    "decision", "reason", "rule", "errno", "retry_ms",
+    "decision", "reason", "rule", "errno", "retry_ms", "peer_uid", "peer_pid",
 )  # fmt: skip
 
 def option_names(options: Option) -> list[str]:
@@ -65,6 +68,8 @@ def record(
     rule: str | None = None,
     errno: int | None = None,
     retry_ms: int | None = None,
+    peer_uid: int | None = None,
+    peer_pid: int | None = None,
 ) -> dict[str, Any]:
     create = request if isinstance(request, Create) else None
     return {
@@ -82,6 +87,8 @@ def record(
         "rule": rule,
         "errno": errno,
         "retry_ms": retry_ms,
+        "peer_uid": peer_uid,
+        "peer_pid": peer_pid,
     }
 
 

@@ -16,7 +16,7 @@ class Exit(enum.IntEnum):
     USAGE = 64  # EX_USAGE: bad command line
     DATAERR = 65  # EX_DATAERR: the policy file does not parse or validate
     NOINPUT = 66  # EX_NOINPUT: the policy file cannot be opened
-    NOUSER = 67  # EX_NOUSER: the policy's user or group does not exist
+    NOUSER = 67  # EX_NOUSER: a user or group the policy names does not exist
     UNAVAILABLE = 69  # EX_UNAVAILABLE: exec: the address is in use or cannot be bound
     SOFTWARE = 70  # EX_SOFTWARE: unexpected error inside the request loop
     OSERR = 71  # EX_OSERR: a hardening step failed, or self-verification found a difference
@@ -41,7 +41,7 @@ DESCRIPTIONS: dict[Exit, str] = {
     Exit.USAGE: "bad command line",
     Exit.DATAERR: "the policy file is invalid",
     Exit.NOINPUT: "the policy file cannot be read",
-    Exit.NOUSER: "the policy's user or group does not exist",
+    Exit.NOUSER: "a user or group the policy names does not exist",
     Exit.SOFTWARE: "unexpected internal error while serving",
     Exit.OSERR: "a hardening step failed or could not be verified",
     Exit.NOLANDLOCK: (

@@ -5,7 +5,8 @@
 The order is the security argument (SECURITY.md walks through it):
 
  1. check the privilege: root with SETUID/SETGID/SETPCAP, or the policy's user
-    holding CAP_NET_BIND_SERVICE; fd 0 must be an AF_UNIX SOCK_SEQPACKET socket;
+    holding CAP_NET_BIND_SERVICE; fd 0 must be an AF_UNIX SOCK_SEQPACKET socket,
+    and the kernel tells who is on its other end (SO_PEERCRED, SO_PEERGROUPS);
  2. read and check the policy (root-owned, not writable by others, strict parse);
  3. close every fd but 0 and 2; no core dumps, no new processes;
  4. switch to the policy's user and group keeping only CAP_NET_BIND_SERVICE;
@@ -38,9 +39,9 @@ import time
 import warnings
 from dataclasses import dataclass
 
-from privsock.helper import auditrecord, drop, landlock, protocol, seccomp_filter
+from privsock.helper import auditrecord, drop, landlock, peercred, protocol, seccomp_filter
 from privsock.helper.exitcodes import Exit, Refusal
-from privsock.helper.policy import Policy, decide, tcp_bind_ports
+from privsock.helper.policy import Peer, Policy, decide, tcp_bind_ports
 from privsock.helper.policy_file import load_policy
 from privsock.helper.procstatus import parse_status, verdict
 from privsock.helper.serve import Session
@@ -89,12 +90,12 @@ def _warm_up(policy: Policy) -> None:
         except protocol.ProtocolError as exc:
             str(exc)
     decide(policy, protocol.Create(1, protocol.Transport.TCP, ipaddress.IPv4Address("127.0.0.1"),
-                                   53))  # fmt: skip
+                                   53), Peer(1, 1, 1, frozenset({1})))  # fmt: skip
     for reply in (protocol.ok(1), protocol.denied(1, protocol.Reason.PORT),
                   protocol.rate_limited(1, 5), protocol.os_error(1, 98, protocol.Stage.BIND)):
         protocol.encode_reply(reply)  # fmt: skip
     auditrecord.encode(auditrecord.record(now=time.time(), side="helper", pid=0, request_id=1,
-                              request=req, decision="granted"))  # fmt: skip
+                              request=req, decision="granted", peer_uid=1, peer_pid=1))  # fmt: skip
     time.monotonic()
 
 
@@ -106,6 +107,7 @@ class Hardened:
     policy: Policy
     pid: int  # our own pid, read before the filter (audit lines carry it)
     landlock: landlock.Applied | str  # the ruleset applied, or why there is none
+    peer: Peer  # who is on the other end of fd 0, as the kernel recorded it
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +122,15 @@ class _Locked:
 
 
 def harden(policy_path: str, expected_parent: int) -> Hardened:
-    """Steps 1-10. Returns the channel, the policy, our pid and the Landlock
-    ruleset, or raises Refusal."""
+    """Steps 1-10. Returns the channel, the policy, our pid, the peer and the
+    Landlock ruleset, or raises Refusal."""
     root_start = drop.check_privilege()
     chan = _channel()
     try:
+        try:
+            peer = peercred.read_peer(chan)
+        except OSError as exc:
+            raise Refusal(Exit.PROTOCOL, f"cannot tell who is on fd 0: {exc.strerror}") from None
         locked = _drop_and_lock(policy_path, expected_parent, root_start)
         ruleset = _landlock(locked.policy)
         try:
@@ -147,7 +153,7 @@ def harden(policy_path: str, expected_parent: int) -> Hardened:
         # calls getsockname, which the filter kills. Let go of fd 0 by hand.
         chan.detach()
         raise
-    return Hardened(chan, locked.policy, locked.pid, ruleset)
+    return Hardened(chan, locked.policy, locked.pid, ruleset, peer)
 
 
 def _landlock(policy: Policy) -> landlock.Applied | str:
@@ -229,14 +235,15 @@ def run(argv: list[str]) -> int:
     except Refusal as exc:
         _say(str(exc))
         return exc.exit_code
-    chan, policy, pid = hardened.chan, hardened.policy, hardened.pid
+    chan, policy, pid, peer = hardened.chan, hardened.policy, hardened.pid, hardened.peer
     if isinstance(hardened.landlock, landlock.Applied):
         shown = hardened.landlock.describe()
     else:
         shown = f"unavailable ({hardened.landlock})"
-    _say(f"hardened, serving (pid {pid}, policy {policy_path}); Landlock: {shown}")
+    _say(f"hardened, serving (pid {pid}, policy {policy_path}, peer uid {peer.uid} "
+         f"pid {peer.pid}); Landlock: {shown}")  # fmt: skip
     try:
-        Session(chan, policy, pid, log=lambda line: os.write(2, line)).serve()
+        Session(chan, policy, pid, log=lambda line: os.write(2, line), peer=peer).serve()
     except (BrokenPipeError, ConnectionResetError):
         pass  # the boss is gone mid-exchange: same as end-of-file
     finally:

@@ -27,6 +27,16 @@ Decisions (``decide``), in this order:
    when its dimensions are checked in the order port, transport, address, options:
    PORT (no rule has the port; also when there are no allow rules), TRANSPORT,
    ADDRESS or OPTION. The decision names "default".
+
+Who asks (the ``peer``: the process on the other end of fd 0, from SO_PEERCRED and
+SO_PEERGROUPS) decides which rules apply at all, before any of the above. A rule with
+neither ``users`` nor ``groups`` applies to everyone. A rule with either applies when
+the peer's uid is one of its users or one of the peer's groups (primary or
+supplementary) is one of its groups; a rule that does not apply is skipped as if it
+were not in the file. Fail closed where the peer is not known: with no peer, or with
+names that were never resolved to ids, such an allow rule never applies and such a
+deny rule always does; when only the supplementary groups are unknown, an allow rule
+sees the primary group alone and a deny rule with groups applies.
 """
 
 from __future__ import annotations
@@ -70,10 +80,27 @@ class Rule:
     ports: tuple[tuple[int, int], ...]  # inclusive ranges, in file order
     networks: tuple[IPNetwork, ...]
     options: Option  # what an allow rule permits; Option(0) for deny rules
+    users: tuple[str, ...] = ()  # names from the file; () with groups () = everyone
+    groups: tuple[str, ...] = ()
+    # The names resolved to ids (privsock.helper.peernames, at start, before the
+    # drop); None until then, and a rule with names but no ids fails closed.
+    uids: frozenset[int] | None = None
+    gids: frozenset[int] | None = None
 
     @property
     def name(self) -> str:
         return f"{self.kind}[{self.index}]"
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The process on the other end of the channel, as the kernel saw it when it
+    connected (or created the socketpair)."""
+
+    uid: int
+    gid: int
+    pid: int
+    groups: frozenset[int] | None  # supplementary groups; None if the kernel's list did not fit
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,18 +129,23 @@ class Decision:
 _PROGRESS = (Reason.PORT, Reason.TRANSPORT, Reason.ADDRESS, Reason.OPTION)
 
 
-def decide(policy: Policy, create: Create) -> Decision:
-    """Judge one CREATE request; the rules are in the module docstring."""
+def decide(policy: Policy, create: Create, peer: Peer | None = None) -> Decision:
+    """Judge one CREATE request from ``peer``; the rules are in the module docstring."""
     transport, port, options = create.transport, create.port, create.options
     address = create.address
     judged = _judged_as(address, options)
     for rule in policy.deny:
+        # A deny rule that may be for this peer counts (fail closed).
+        if applies(rule, peer) is False:
+            continue
         if any(_deny_matches(rule, transport, a, port) for a in judged):
             return Decision(False, Reason.PORT, rule.name)
     granted: list[Rule] = []
     for a in judged:
         furthest = Reason.PORT
         for rule in policy.allow:
+            if not applies(rule, peer):
+                continue
             miss = _allow_miss(rule, transport, a, port, options)
             if miss is None:
                 granted.append(rule)
@@ -122,6 +154,25 @@ def decide(policy: Policy, create: Create) -> Decision:
         else:
             return Decision(False, furthest, "default")
     return Decision(True, None, granted[0].name)
+
+
+def applies(rule: Rule, peer: Peer | None) -> bool | None:
+    """Whether ``rule`` is for ``peer``: True, False, or None when it cannot be
+    told (an unknown peer or unresolved names; the caller fails closed)."""
+    if not rule.users and not rule.groups:
+        return True
+    if peer is None:
+        return None
+    if rule.users and (rule.uids is None or peer.uid in rule.uids):
+        return None if rule.uids is None else True
+    if rule.groups:
+        if rule.gids is None:
+            return None
+        if peer.gid in rule.gids or (peer.groups is not None and peer.groups & rule.gids):
+            return True
+        if peer.groups is None:
+            return None
+    return False
 
 
 def _judged_as(address: IPAddress, options: Option) -> tuple[IPAddress, ...]:

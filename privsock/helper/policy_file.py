@@ -19,14 +19,16 @@ is then opened and no check-then-open race is left:
    O_NONBLOCK (a FIFO must not block the open), and checked with fstat on that
    descriptor, so the file checked is the file read: a regular file, owned by
    uid 0, and not writable by group or others;
-4. it reads at most 64 KiB, decodes strict UTF-8 and parses it (privsock.helper.policy).
+4. it reads at most 64 KiB, decodes strict UTF-8 and parses it (privsock.helper.policy);
+5. it resolves the user and group names of its rules to ids (privsock.helper.peernames).
 
 Together this means only root can change what the path names. Every failure is a
 Refusal (privsock.helper.exitcodes) with a one-line message naming the path as walked (symlinks
 replaced by their targets) and an exit code: NOINPUT when something cannot be
 opened or read or the file is not a regular file, CONFIG when it, a symlink or a
 directory on the way is insecure, DATAERR when it is too large, not UTF-8, or not
-a valid policy (the PolicyError's own line).
+a valid policy (the PolicyError's own line), NOUSER when a rule names a user or
+group that does not exist.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import json
 import os
 import stat
 
+from privsock.helper import peernames
 from privsock.helper.exitcodes import Exit, Refusal
 from privsock.helper.policy import Policy
 from privsock.helper.policyparse import PolicyError, parse_policy
@@ -70,9 +73,13 @@ def load_policy(path: str) -> Policy:
             f"{shown} is not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start})",
         ) from None
     try:
-        return parse_policy(text, walked)
+        policy = parse_policy(text, walked)
     except PolicyError as e:
         raise Refusal(Exit.DATAERR, str(e)) from None
+    try:
+        return peernames.resolve(policy, walked)
+    except PolicyError as e:
+        raise Refusal(Exit.NOUSER, str(e)) from None
 
 
 def _open_checked(path: str) -> tuple[int, str]:

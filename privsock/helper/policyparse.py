@@ -20,11 +20,19 @@ Format (TOML; policy/README.md has the same with examples)::
     ports = [53, "8000-8080"]    # required
     addresses = ["0.0.0.0/0", "::/0"]  # required
     options = ["reuseaddr"]      # default []: "reuseaddr" (tcp only), "reuseport", "v6only"
+    users = ["alice"]            # optional: only for these users (names)
+    groups = ["web"]             # optional: only for members of these groups (names)
 
     [[deny]]                     # zero or more
     transports = ["tcp"]         # default ["udp", "tcp"]
     ports = [22]                 # required
     addresses = ["10.0.0.0/8"]   # default ["0.0.0.0/0", "::/0"]; no options key
+    users = ["bob"]              # optional, as for allow
+    groups = ["guests"]          # optional, as for allow
+
+A rule with neither ``users`` nor ``groups`` applies to everyone; with either, to the
+listed users and to members of the listed groups (policy.decide). Names are checked
+here; privsock.helper.peernames resolves them to ids when the file is loaded.
 
 Parsing is strict. Each of these is a PolicyError naming the key path and the problem:
 
@@ -43,13 +51,16 @@ Parsing is strict. Each of these is a PolicyError naming the key path and the pr
   rule with no IPv6 network; ``options`` in a deny rule (deny ignores options); an
   option the rule's transports cannot be granted (policy.GRANTABLE): ``reuseaddr``
   in a rule for ``udp``, which would let a boss hijack another service's UDP port.
+* ``users``/``groups`` that are empty, repeat a name, or hold a name that is not a
+  portable POSIX name (``root`` is allowed there: it names a boss, not the helper).
 * User or group names that are not portable POSIX names (``[A-Za-z_][A-Za-z0-9_.-]*``,
   at most 32 characters: no leading digit, so a name never reads as an id), and
   ``root`` as either. Only a name can be checked here: whoever resolves the names
   must also refuse uid 0 and gid 0.
 * A policy with neither allow nor deny rules ("policy grants nothing"), and an allow
   rule that deny rules cover entirely, for each of its transports, ports and
-  networks ("allow[1] can never match: deny[0] covers it").
+  networks ("allow[1] can never match: deny[0] covers it"). A deny rule with users or
+  groups counts there only for an allow rule whose users and groups it all lists.
 
 Accepted although they look odd: a policy with only deny rules (it refuses
 everything); rules that overlap other rules (two allow rules granting one port; a
@@ -89,8 +100,8 @@ _MAX_BURST = 100_000
 _TOP_KEYS = ("version", "helper", "rate_limit", "allow", "deny")
 _HELPER_KEYS = ("user", "group", "require_landlock")
 _RATE_KEYS = ("rate", "burst")
-_ALLOW_KEYS = ("transports", "ports", "addresses", "options")
-_DENY_KEYS = ("transports", "ports", "addresses")
+_ALLOW_KEYS = ("transports", "ports", "addresses", "options", "users", "groups")
+_DENY_KEYS = ("transports", "ports", "addresses", "users", "groups")
 
 _TRANSPORTS = TRANSPORT_NAMES
 _OPTIONS = OPTION_NAMES
@@ -185,7 +196,7 @@ def _policy(document: dict[str, object]) -> Policy:
             "document", "policy grants nothing: it has no [[allow]] and no [[deny]] rules"
         )
     for rule in allow:
-        covering = _covering_denies(rule, deny)
+        covering = _covering_denies(rule, [d for d in deny if _for_all_of(d, rule)])
         if covering:
             names = " and ".join(d.name for d in covering)
             verb = "covers" if len(covering) == 1 else "cover"
@@ -279,7 +290,40 @@ def _rule(table: object, kind: Literal["allow", "deny"], index: int) -> Rule:
     options = Option(0)
     if "options" in rule:
         options = _options(rule["options"], f"{key}.options", transports, networks)
-    return Rule(index, kind, transports, ports, networks, options)
+    users = _who(rule, key, "users")
+    groups = _who(rule, key, "groups")
+    return Rule(index, kind, transports, ports, networks, options, users, groups)
+
+
+def _who(rule: dict[str, object], key: str, name: str) -> tuple[str, ...]:
+    """A rule's ``users`` or ``groups``: distinct portable names, in file order."""
+    if name not in rule:
+        return ()
+    path = f"{key}.{name}"
+    seen: dict[str, int] = {}
+    for i, item in enumerate(_array(rule[name], path)):
+        if not isinstance(item, str):
+            raise _Invalid(f"{path}[{i}]", f"must be a string, not {_kind(item)}")
+        if not _POSIX_NAME.match(item):
+            raise _Invalid(
+                f"{path}[{i}]",
+                f"{_show(item)} is not a valid {name[:-1]} name (letters, digits, _ . -; "
+                "not starting with a digit, . or -; at most 32 characters)",
+            )
+        if item in seen:
+            raise _Invalid(f"{path}[{i}]", f"duplicate {_show(item)} (also {path}[{seen[item]}])")
+        seen[item] = i
+    return tuple(seen)
+
+
+def _for_all_of(deny: Rule, allow: Rule) -> bool:
+    """Whether ``deny`` applies to everyone ``allow`` applies to, whatever the
+    group memberships: only then can it make ``allow`` useless."""
+    if not deny.users and not deny.groups:
+        return True
+    if not allow.users and not allow.groups:
+        return False
+    return set(allow.users) <= set(deny.users) and set(allow.groups) <= set(deny.groups)
 
 
 def _array(value: object, key: str, *, may_be_empty: bool = False) -> list[object]:
@@ -415,7 +459,7 @@ def _network(item: object, key: str) -> IPNetwork:
     return network
 
 
-def _covering_denies(rule: Rule, deny: tuple[Rule, ...]) -> list[Rule]:
+def _covering_denies(rule: Rule, deny: list[Rule]) -> list[Rule]:
     """The deny rules that together refuse everything ``rule`` allows, or [] if any of
     it gets through."""
     used: set[int] = set()

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from privsock.helper import auditrecord, protocol
-from privsock.helper.policy import Policy, decide
+from privsock.helper.policy import Peer, Policy, decide
 from privsock.helper.protocol import Create, Option, Ping, Reply, Request, Stage, Status, Transport
 from privsock.helper.ratelimit import TokenBucket
 from privsock.helper.seccomp_filter import SIOCOUTQ
@@ -103,8 +103,10 @@ class Session:
         log: Callable[[bytes], object],
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], float] = time.time,
+        peer: Peer | None = None,
     ) -> None:
         self.chan = chan
+        self.peer = peer
         self.policy = policy
         self.bucket = TokenBucket(policy.rate_limit.rate, policy.rate_limit.burst, clock())
         self.pid = pid
@@ -119,6 +121,8 @@ class Session:
         rec = auditrecord.record(
             now=self.wallclock(), side="helper", pid=self.pid, request_id=request_id,
             request=req, decision=decision, **kw,  # type: ignore[arg-type]
+            peer_uid=self.peer.uid if self.peer else None,
+            peer_pid=self.peer.pid if self.peer else None,
         )  # fmt: skip
         self.log(auditrecord.encode(rec))
 
@@ -150,7 +154,7 @@ class Session:
         if wait_ms:
             self._audit(rid, req, "rate_limited", retry_ms=wait_ms)
             return protocol.rate_limited(rid, wait_ms), None
-        verdict = decide(self.policy, req)
+        verdict = decide(self.policy, req, self.peer)
         if not verdict.allowed:
             assert verdict.reason is not None
             self._audit(rid, req, "denied", reason=verdict.reason.name.lower(), rule=verdict.rule)
