@@ -25,7 +25,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from privsock import __version__, auditsink, dropall, execcmd, inspection
+from privsock import __version__, auditsink, dropall, execcmd, execenv, inspection
 from privsock.helper import landlock
 from privsock.helper.exitcodes import Exit, Refusal
 from privsock.helper.policy import Policy
@@ -79,6 +79,20 @@ def _name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _setenv(text: str) -> tuple[str, str]:
+    try:
+        return execenv.parse_setenv(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _env_name(text: str) -> str:
+    try:
+        return execenv.check_env_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _backlog(text: str) -> int:
     if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a backlog in 1-65535")
@@ -111,7 +125,13 @@ def cmd_exec(args: argparse.Namespace) -> int:
         return Exit.NOINPUT
     try:
         target = dropall.resolve(args.user, args.group)
-        execcmd.find_command(args.command)
+        dropall.check_privilege()
+        env = execenv.clean_environment(
+            target, os.environ, keep=args.keep_env, setenv=args.setenv
+        )
+        path = execenv.find_command(
+            target, args.command, search_path=env["PATH"], chdir=args.chdir
+        )
         sink = auditsink.open_sink(args.audit_log)
     except Refusal as exc:
         print(f"privsock: exec: {exc}", file=sys.stderr)
@@ -125,9 +145,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
     shutdown_on_signals()
     try:
         execcmd.run(
-            policy=args.policy, target=target, listens=listens, names=names,
-            command=args.command, backlog=args.backlog, reuseaddr=args.reuseaddr, sink=sink,
-            rate_wait=args.rate_wait,
+            policy=args.policy, target=target, listens=listens, names=names, path=path,
+            command=args.command, env=env, chdir=args.chdir, backlog=args.backlog,
+            reuseaddr=args.reuseaddr, sink=sink, rate_wait=args.rate_wait,
         )  # fmt: skip
     except Refusal as exc:
         print(f"privsock: exec: {exc}", file=sys.stderr)
@@ -332,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not ask for SO_REUSEADDR on TCP sockets",
     )
+    p.add_argument("--setenv", action="append", default=[], type=_setenv, metavar="KEY=VALUE",
+                   help="set this variable for CMD; repeat for more")  # fmt: skip
+    p.add_argument("--keep-env", action="append", default=[], type=_env_name, metavar="KEY",
+                   help="pass this variable on from privsock's own environment, if set; "
+                   "repeat for more (CMD otherwise gets a clean environment)")  # fmt: skip
+    p.add_argument("--chdir", metavar="DIR",
+                   help="start CMD in this directory (absolute, open to USER); "
+                   "default: the current one, which must be open to USER")  # fmt: skip
     p.add_argument(
         "--rate-wait",
         type=_seconds,

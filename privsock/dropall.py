@@ -51,6 +51,7 @@ class Target:
     uid: int
     gid: int
     home: str
+    shell: str
 
 
 def _read_status() -> str:
@@ -77,7 +78,7 @@ def resolve(user: str, group: str | None) -> Target:
             f"refusing to run the command as root (--user {user}"
             + (f" --group {group})" if group is not None else ")"),
         )
-    return Target(pw.pw_name, pw.pw_uid, gid, pw.pw_dir)
+    return Target(pw.pw_name, pw.pw_uid, gid, pw.pw_dir, pw.pw_shell)
 
 
 def check_privilege(

@@ -1,17 +1,20 @@
 """``privsock exec``: bind sockets through the helper, then become an ordinary
 user and exec a server on them, by the systemd socket-activation convention.
 
-The five steps, in this order, each failing closed:
+The steps, in this order, each failing closed:
 
+0. (cli) resolve the user, build the clean environment (privsock.execenv) and
+   find and check the command and its directory as that user;
 1. start the helper and get every socket; any failure ends the run with one
    line naming the socket and why, and nothing is started;
 2. listen() on the TCP sockets (``--backlog``), as systemd does for streams;
 3. stop the helper (the boss keeps no line to it across the exec);
-4. drop to USER/GROUP with no capability in any set and no_new_privs, and
-   check /proc/thread-self/status (privsock.dropall);
+4. leave the terminal, if there is one (privsock.detach), and drop to
+   USER/GROUP with no capability in any set and no_new_privs, checked in
+   /proc/thread-self/status (privsock.dropall);
 5. exec CMD with the sockets at fds 3, 4, ... in --listen order, LISTEN_FDS,
-   LISTEN_PID (our own pid: exec keeps it), LISTEN_FDNAMES; stdio unchanged,
-   every other fd closed.
+   LISTEN_PID (the server's pid: exec keeps it), LISTEN_FDNAMES; stdio
+   unchanged unless it was a terminal, every other fd closed.
 """
 
 from __future__ import annotations
@@ -19,17 +22,16 @@ from __future__ import annotations
 import fcntl
 import ipaddress
 import os
-import shutil
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NoReturn
 
-from privsock import arguments, dropall
+from privsock import arguments, detach, dropall
 from privsock.auditsink import AuditLogError, Sink
 from privsock.client import SocketCreator
 from privsock.errors import (
@@ -39,11 +41,13 @@ from privsock.errors import (
     PolicyDenied,
     RateLimited,
 )
+from privsock.execenv import unexecutable
 from privsock.helper import protocol
 from privsock.helper.exitcodes import HELPER_EXITS, Exit, Refusal
 from privsock.helper.policy import RateLimit
 from privsock.helper.policy_file import load_policy
 from privsock.helper.protocol import Reason, Transport
+from privsock.helperprocess import end_spawner_thread
 
 SD_LISTEN_FDS_START = 3
 NOTHING_STARTED = "nothing was started"
@@ -104,16 +108,6 @@ def check_name(name: str) -> str:
     if not 1 <= len(name) <= 255 or not name.isascii() or not name.isprintable() or ":" in name:
         raise ValueError(f"{name!r}: a name is 1-255 printable ASCII characters without ':'")
     return name
-
-
-def find_command(command: Sequence[str]) -> str:
-    """Refuse a missing or unknown command before anything starts."""
-    if not command:
-        raise Refusal(Exit.USAGE, "no command given (put it after --)")
-    found = shutil.which(command[0])
-    if found is None:
-        raise Refusal(Exit.NOT_FOUND, f"command not found: {command[0]!r}")
-    return found
 
 
 def _exit_code(exc: CreatorError) -> Exit:
@@ -260,17 +254,13 @@ def place_fds(socks: Sequence[socket.socket]) -> int:
     return n
 
 
-def listen_env(pid: int, names: Sequence[str], target: dropall.Target) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        LISTEN_FDS=str(len(names)),
-        LISTEN_PID=str(pid),
-        LISTEN_FDNAMES=":".join(names),
-        USER=target.user,
-        LOGNAME=target.user,
-        HOME=target.home,
-    )
-    return env
+def listen_env(pid: int, names: Sequence[str]) -> dict[str, str]:
+    """The socket-activation variables, for the process that keeps ``pid``."""
+    return {
+        "LISTEN_FDS": str(len(names)),
+        "LISTEN_PID": str(pid),
+        "LISTEN_FDNAMES": ":".join(names),
+    }
 
 
 @contextmanager
@@ -288,32 +278,40 @@ def run(
     target: dropall.Target,
     listens: Sequence[Listen],
     names: Sequence[str],
+    path: str,
     command: Sequence[str],
+    env: Mapping[str, str],
+    chdir: str | None,
     backlog: int,
     reuseaddr: bool,
     sink: Sink,
     rate_wait: float = DEFAULT_RATE_WAIT,
 ) -> NoReturn:
-    """All five steps; returns only by raising Refusal (or exec failing)."""
-    with _nothing_started():
-        path = find_command(command)
+    """Steps 1-5 for ``command``, already found at ``path`` by
+    execenv.find_command, with the environment ``env`` (plus LISTEN_*), in
+    ``chdir`` (or the current directory). Returns only by raising Refusal."""
     dropall.check_privilege()
     with _nothing_started():
         socks = acquire(
             policy, listens, backlog=backlog, reuseaddr=reuseaddr, sink=sink, rate_wait=rate_wait
         )
     sink.close()
+    end_spawner_thread()
     sys.stdout.flush()
     sys.stderr.flush()
-    place_fds(socks)
-    dropall.drop(target)
-    env = listen_env(os.getpid(), names, target)
-    # Python ignores these two; an ignored signal stays ignored across exec.
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-    try:
-        os.execve(path, list(command), env)  # noqa: S606 (no shell: argv as given)
-    except OSError as exc:
-        code = Exit.NOT_FOUND if isinstance(exc, FileNotFoundError) else Exit.CANNOT_EXECUTE
-        raise Refusal(code, f"cannot run {command[0]!r} as {target.user}: "
-                      f"{exc.strerror}; {NOTHING_STARTED}") from None  # fmt: skip
+    n = place_fds(socks)
+    detach.leave_terminal(target, server_fds=range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + n))
+    with _nothing_started():
+        if chdir is not None:
+            try:
+                os.chdir(chdir)
+            except OSError as exc:
+                raise Refusal(Exit.NOINPUT, f"--chdir {chdir}: {exc.strerror}") from None
+        full_env = {**env, **listen_env(os.getpid(), names)}
+        # Python ignores these two; an ignored signal stays ignored across exec.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+        try:
+            os.execve(path, list(command), full_env)  # noqa: S606 (no shell: argv as given)
+        except OSError as exc:
+            raise unexecutable(exc, path, target.user) from None

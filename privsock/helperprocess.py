@@ -45,8 +45,6 @@ HELPER_MODULE = "privsock.helper.main"
 # Python ignore PYTHON* variables and the user site directory anyway.
 HELPER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
-# Every helper is forked by one long-lived thread (privsock.spawner says why).
-_SPAWNER = spawner.SPAWNER
 
 # Every HelperProcess with a running helper, so that a normal interpreter exit
 # (sys.exit, SystemExit from shutdown_on_signals) closes and reaps them all.
@@ -57,6 +55,16 @@ _LIVE: weakref.WeakSet[HelperProcess] = weakref.WeakSet()
 def _close_live() -> None:
     for process in list(_LIVE):
         process.close()
+
+
+def end_spawner_thread() -> None:
+    """End the spawner thread once no helper runs (privsock.spawner.end), so
+    that the process is single-threaded again: a process that then drops
+    privilege in its one thread (privsock.dropall.drop) leaves none behind.
+    Every helper is forked by that thread (privsock.spawner says why)."""
+    if _LIVE:
+        raise CreatorError("a helper still runs: close every SocketCreator first")
+    spawner.end()
 
 
 def shutdown_on_signals(
@@ -133,7 +141,7 @@ class HelperProcess:
         assert self.policy is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.proc = _SPAWNER.submit(
+            self.proc = spawner.SPAWNER.submit(
                 subprocess.Popen, [*self.helper_argv, "--policy", self.policy],
                 stdin=theirs.fileno(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 close_fds=True, env=HELPER_ENV,

@@ -27,6 +27,13 @@ def call(fn: Callable[[], T]) -> T:
     return SPAWNER.submit(fn).result()
 
 
+def end() -> None:
+    """End the thread, waiting for it; the next call starts a new one."""
+    global SPAWNER  # noqa: PLW0603 (the one executor, replaced only here)
+    SPAWNER.shutdown(wait=True)
+    SPAWNER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="privsock-spawner")
+
+
 def start_blocker() -> str | None:
     """Why this process can no longer start a helper, or None if it may: a
     helper needs a root start, or CAP_NET_BIND_SERVICE passed on as an ambient

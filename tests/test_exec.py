@@ -23,9 +23,11 @@ import pytest
 
 from privsock.dropall import Target, verify
 from privsock.execcmd import parse_listen
+from privsock.execenv import SAFE_PATH
 from privsock.helper import auditrecord
 from privsock.helper.exitcodes import Exit
 
+from .conftest import REPO
 from .helper_proc import DROPPED_STATUS
 
 PRIVSOCK = str(Path(sys.executable).with_name("privsock"))
@@ -58,8 +60,7 @@ with open("/proc/self/status") as f:
 ss = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
 print(json.dumps({
     "pid": os.getpid(), "fds": fds, "socks": socks, "status": status, "ss": ss,
-    "env": {k: os.environ.get(k) for k in
-            ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "USER", "HOME", "KEEP_ME")},
+    "env": dict(os.environ), "cwd": os.getcwd(),
 }))
 """
 
@@ -121,13 +122,12 @@ def test_child_gets_the_sockets_the_environment_and_no_privilege(test_policy: Pa
         test_policy,
         "--listen", "udp:127.0.0.1:1015", "--listen", "tcp:[::1]:1016",
         "--name", "dns", "--name", "web", "--backlog", "7",
-        env={**os.environ, "KEEP_ME": "yes", "LISTEN_FDNAMES": "stale"},
+        env={"LISTEN_FDNAMES": "stale", "PATH": os.environ["PATH"]},
     )  # fmt: skip
     env = seen["env"]
     assert env["LISTEN_FDS"] == "2"
     assert env["LISTEN_PID"] == str(seen["pid"])
     assert env["LISTEN_FDNAMES"] == "dns:web"
-    assert env["KEEP_ME"] == "yes"  # the rest of the environment is passed on
     assert (env["USER"], env["HOME"]) == ("privsock", USER.pw_dir)
     assert seen["socks"] == [
         {"fd": 3, "family": "AF_INET", "type": "SOCK_DGRAM", "addr": ["127.0.0.1", 1015],
@@ -291,6 +291,11 @@ BAD_ARGS: list[tuple[list[str], int, str]] = [
     (["--listen", "tcp:127.0.0.1:80", "--backlog", "-1"], Exit.USAGE, "not a backlog"),
     (["--listen", "tcp:127.0.0.1:80", "--audit-log", "file:"], Exit.USAGE, "needs a path"),
     (["--listen", "tcp:127.0.0.1:80", "--audit-log", "mail"], Exit.USAGE, "expected stderr"),
+    (["--setenv", "NOEQUALS", *LISTEN], Exit.USAGE, "'NOEQUALS': expected KEY=VALUE"),
+    (["--setenv", "1X=y", *LISTEN], Exit.USAGE, "'1X' is not a variable name"),
+    (["--setenv", "LISTEN_FDS=9", *LISTEN], Exit.USAGE, "LISTEN_FDS is set by privsock itself"),
+    (["--keep-env", "A-B", *LISTEN], Exit.USAGE, "'A-B' is not a variable name"),
+    (["--keep-env", "LISTEN_PID", *LISTEN], Exit.USAGE, "LISTEN_PID is set by privsock"),
     (["--user", "nosuchuser", *LISTEN], Exit.NOUSER, "no such user: 'nosuchuser'"),
     (["--group", "nosuchgroup", *LISTEN], Exit.NOUSER, "no such group: 'nosuchgroup'"),
     (["--user", "root", *LISTEN], Exit.USAGE, "refusing to run the command as root"),
@@ -313,14 +318,66 @@ def test_bad_arguments_get_one_line(
     assert "Traceback" not in result.stderr
 
 
+def test_the_environment_is_clean_and_only_named_variables_pass(test_policy: Path) -> None:
+    caller = {
+        "SECRET_TOKEN": "root's secret", "XDG_RUNTIME_DIR": "/run/user/0",
+        "PATH": "/root/.pyenv/shims:" + os.environ["PATH"], "PYENV_ROOT": "/root/.pyenv",
+        "TERM": "xterm-test", "LANG": "C.UTF-8", "LC_TIME": "C", "LD_PRELOAD": "/tmp/evil.so",
+        "KEEP_ME": "kept", "NOT_SET_HERE": "x",
+    }  # fmt: skip
+    del caller["NOT_SET_HERE"]
+    seen = probe(
+        test_policy, "--listen", "udp:127.0.0.1:1015", "--keep-env", "KEEP_ME",
+        "--keep-env", "NOT_SET_HERE", "--setenv", "APP_MODE=a=b", "--setenv", "TERM=vt100",
+        env=caller,
+    )  # fmt: skip
+    assert seen["env"] == {
+        "PATH": SAFE_PATH, "HOME": USER.pw_dir, "USER": "privsock", "LOGNAME": "privsock",
+        "SHELL": USER.pw_shell, "TERM": "vt100", "LANG": "C.UTF-8", "LC_TIME": "C",
+        "KEEP_ME": "kept", "APP_MODE": "a=b",
+        "LISTEN_FDS": "1", "LISTEN_PID": str(seen["pid"]), "LISTEN_FDNAMES": "udp-1015",
+    }  # fmt: skip
+
+
+def test_the_command_is_looked_up_in_the_clean_path_not_roots(
+    test_policy: Path, tmp_path: Path
+) -> None:
+    # A command only root's PATH has (a 0700 directory, as /root/.pyenv/shims is).
+    (tmp_path / "privsock-only-in-roots-path").write_text("#!/bin/sh\necho STARTED\n")
+    (tmp_path / "privsock-only-in-roots-path").chmod(0o755)
+    (tmp_path / "python3").write_text("#!/bin/sh\necho SHIM\n")
+    (tmp_path / "python3").chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    result = privsock_exec(
+        test_policy, "--user", "privsock", "--listen", "tcp:127.0.0.1:80", "--",
+        "privsock-only-in-roots-path", env=env,
+    )  # fmt: skip
+    assert result.returncode == 127
+    assert result.stderr.splitlines() == [
+        "privsock: exec: command not found: 'privsock-only-in-roots-path' "
+        f"(searched PATH {SAFE_PATH})"
+    ]
+    result = privsock_exec(
+        test_policy, "--user", "privsock", "--listen", "tcp:127.0.0.1:80", "--",
+        "python3", "-c", "import sys; print(sys.executable)", env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{shutil.which('python3', path=SAFE_PATH)}\n"
+
+
 @pytest.mark.parametrize(
     ("command", "code", "message"),
     [
         ([], Exit.USAGE, "no command given (put it after --)"),
-        (["no-such-command-xyz"], 127, "command not found: 'no-such-command-xyz'"),
+        (["no-such-command-xyz"], 127,
+         f"command not found: 'no-such-command-xyz' (searched PATH {SAFE_PATH})"),
+        (["/no/such/server"], 127, "/no/such/server: no such file"),
+        (["/etc/passwd"], 126, "/etc/passwd: not executable by privsock"),
+        (["/usr/bin"], 126, "/usr/bin: is a directory"),
+        (["/dev/null"], 126, "/dev/null: not a regular file"),
     ],
-)
-def test_missing_command_is_refused_before_anything_starts(
+)  # fmt: skip
+def test_a_command_the_user_cannot_run_is_refused_before_anything_starts(
     test_policy: Path, command: list[str], code: int, message: str
 ) -> None:
     result = privsock_exec(
@@ -330,7 +387,9 @@ def test_missing_command_is_refused_before_anything_starts(
     assert result.stderr.splitlines() == [f"privsock: exec: {message}"]  # not even a PING
 
 
-def test_command_the_user_cannot_run_fails_after_the_drop(test_policy: Path) -> None:
+def test_a_command_root_can_run_but_the_user_cannot_is_refused_by_its_path(
+    test_policy: Path,
+) -> None:
     # mkdtemp makes a 0700 directory: root finds the file, the privsock user
     # cannot reach it.
     script = Path(tempfile.mkdtemp()) / "server"
@@ -345,10 +404,40 @@ def test_command_the_user_cannot_run_fails_after_the_drop(test_policy: Path) -> 
         shutil.rmtree(script.parent)
     assert result.returncode == 126
     assert result.stdout == ""
-    assert message_lines(result.stderr) == [
-        f"privsock: exec: cannot run '{script}' as privsock: Permission denied; "
-        "nothing was started"
+    assert result.stderr.splitlines() == [
+        f"privsock: exec: {script}: permission denied for privsock "
+        "(a directory on the way is not searchable)"
     ]
+
+
+def test_chdir_starts_the_command_there(test_policy: Path) -> None:
+    seen = probe(test_policy, "--listen", "udp:127.0.0.1:1015", "--chdir", "/usr/share")
+    assert seen["cwd"] == "/usr/share"
+
+
+def test_the_starting_directory_must_be_open_to_the_user(test_policy: Path) -> None:
+    private = Path(tempfile.mkdtemp())  # 0700, root's
+    try:
+        (private / "inner").mkdir(mode=0o755)
+        for args, cwd, message in [
+            (["--chdir", str(private)], REPO,
+             f"--chdir {private}: Permission denied (as privsock)"),
+            (["--chdir", "/no/such/dir"], REPO,
+             "--chdir /no/such/dir: No such file or directory (as privsock)"),
+            (["--chdir", "usr"], REPO, "--chdir usr: give an absolute path"),
+            # Open itself, but under a directory the user may not enter: it
+            # would be a way in that the user's own path lookups do not have.
+            ([], private / "inner", f"the current directory {private / 'inner'} is not open "
+             "to privsock; start from another directory or give --chdir DIR"),
+        ]:  # fmt: skip
+            result = privsock_exec(
+                test_policy, "--user", "privsock", "--listen", "tcp:127.0.0.1:80", *args,
+                "--", "/bin/echo", "STARTED", cwd=cwd,
+            )  # fmt: skip
+            assert result.stderr.splitlines() == [f"privsock: exec: {message}"]
+            assert result.returncode == (Exit.USAGE if args[1:] == ["usr"] else Exit.NOINPUT)
+    finally:
+        shutil.rmtree(private)
 
 
 def test_refuses_to_run_unprivileged(test_policy: Path) -> None:
@@ -406,7 +495,7 @@ def test_parse_listen_refuses(spec: str) -> None:
     ],
 )
 def test_verify_finds_every_difference(change: tuple[str, str], problem: str) -> None:
-    target = Target("privsock", 999, 995, "/nonexistent")
+    target = Target("privsock", 999, 995, "/nonexistent", "/usr/sbin/nologin")
     assert verify(DROPPED_STATUS, target) == []
     problems = verify(DROPPED_STATUS.replace(*change), target)
     assert len(problems) == 1 and problem in problems[0], problems
