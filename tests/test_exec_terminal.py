@@ -57,7 +57,7 @@ except OSError as e:
     res["read_stdin"] = e.errno
 relay = os.getppid()
 # Wait until the relay has dropped to our uid: only then could it be ours to take.
-deadline = time.monotonic() + 30
+deadline = time.monotonic() + 10
 while time.monotonic() < deadline:
     with open(f"/proc/{relay}/status") as f:
         if f"Uid:\t{os.getuid()}\t" in f.read():
