@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from fuzz import live, model
+from fuzz import datagrams, expected, live, livehelper, model
 from privsock.client import SocketCreator
 from privsock.errors import (
     CreatorOSError,
@@ -47,7 +47,7 @@ BOUND = 30.0  # no wait in these tests is longer; each is a bound, not a timing
 
 @pytest.fixture
 def policy(root: None, policy_factory: Callable[[str], Path]) -> Iterator[Path]:
-    path = policy_factory(live.policy_text())
+    path = policy_factory(expected.policy_text())
     yield path
     # Whatever the test did, no process naming its policy is left afterwards.
     assert gone_by_policy(path, BOUND), processes_naming(path)
@@ -55,7 +55,7 @@ def policy(root: None, policy_factory: Callable[[str], Path]) -> Iterator[Path]:
 
 def creator_for(policy: Path, **kw: Any) -> SocketCreator:
     kw.setdefault("audit_sink", None)
-    return SocketCreator(str(policy), helper_argv=live.netns_argv(), **kw)
+    return SocketCreator(str(policy), helper_argv=livehelper.netns_argv(), **kw)
 
 
 @pytest.fixture
@@ -156,9 +156,9 @@ def test_sigstopped_helper_times_out_is_killed_and_replaced(
 
 def test_boss_closing_the_channel_mid_reply_ends_the_helper_cleanly(policy: Path) -> None:
     figures = live.Figures()
-    helper = live.start(policy, live.netns_argv(), figures)
+    helper = live.start(policy, livehelper.netns_argv(), figures)
     os.kill(helper.pid, signal.SIGSTOP)
-    helper.send(live.encode(model.CREATE, 5, model.UDP, 4, 53, 0x7F000001), [], False)
+    helper.send(datagrams.encode(model.CREATE, 5, model.UDP, 4, 53, 0x7F000001), [], False)
     helper.chan.close()  # the boss goes away before the reply is written
     os.kill(helper.pid, signal.SIGCONT)
     # It made the socket, the reply failed (EPIPE), it closed the socket and left.
@@ -174,17 +174,17 @@ def test_audit_pipe_closed_mid_request_ends_the_helper_cleanly(policy: Path) -> 
     # restart it (a seccomp kill). Now it closes the socket and exits 0.
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     proc = subprocess.Popen(
-        [*live.netns_argv(), "--policy", str(policy)], stdin=theirs,
+        [*livehelper.netns_argv(), "--policy", str(policy)], stdin=theirs,
         stderr=subprocess.PIPE, env=HELPER_ENV,
     )  # fmt: skip
     theirs.close()
     with ours:
         ours.settimeout(BOUND)
-        ours.send(live.encode(model.PING, 1))
+        ours.send(datagrams.encode(model.PING, 1))
         assert model.parse_reply(ours.recv(64)) == model.Reply(model.OK, 1, 0, 0)
         assert proc.stderr is not None
         proc.stderr.close()  # nobody reads the audit log any more
-        ours.send(live.encode(model.CREATE, 2, model.UDP, 4, 53, 0x7F000001))
+        ours.send(datagrams.encode(model.CREATE, 2, model.UDP, 4, 53, 0x7F000001))
         assert ours.recv(64) == b""  # no reply: it left
     assert proc.wait(BOUND) == Exit.OK
 
@@ -228,7 +228,7 @@ while True:
 @pytest.mark.parametrize("how", ["sigkill", "exception"])
 def test_boss_death_mid_work_leaves_no_process(policy: Path, how: str) -> None:
     boss = subprocess.Popen(
-        [sys.executable, "-c", BUSY_BOSS, str(policy), json.dumps(live.netns_argv()), how],
+        [sys.executable, "-c", BUSY_BOSS, str(policy), json.dumps(livehelper.netns_argv()), how],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -385,7 +385,7 @@ print(json.dumps(out))
 
 def test_boss_out_of_fds_gets_fd_not_received_and_recovers(policy: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-c", FD_BOSS, str(policy), json.dumps(live.netns_argv())],
+        [sys.executable, "-c", FD_BOSS, str(policy), json.dumps(livehelper.netns_argv())],
         capture_output=True, text=True, timeout=BOUND * 2, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -439,9 +439,9 @@ os._exit(os.waitstatus_to_exitcode(status))
 def test_os_errors_reach_the_caller_with_errno_and_stage(policy: Path, case: str) -> None:
     records: list[dict[str, Any]] = []
     if case == "EACCES":
-        argv = [sys.executable, "-I", "-c", USERNS_LAUNCHER, *live.HELPER]
+        argv = [sys.executable, "-I", "-c", USERNS_LAUNCHER, *livehelper.HELPER]
     else:
-        argv = live.netns_argv()
+        argv = livehelper.netns_argv()
     with SocketCreator(str(policy), helper_argv=argv, audit_sink=records.append) as c:
         held = None
         if case == "EADDRINUSE":
@@ -463,7 +463,7 @@ def test_os_errors_reach_the_caller_with_errno_and_stage(policy: Path, case: str
 
 # -- the policy file changes under a running helper ----------------------------------------
 
-ONLY_1003 = live.policy_text().replace('ports = [53, 80, "1000-1010"]', "ports = [1003]")
+ONLY_1003 = expected.policy_text().replace('ports = [53, 80, "1000-1010"]', "ports = [1003]")
 
 
 def _swap(path: Path, text: str) -> None:

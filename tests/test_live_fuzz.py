@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fuzz import live, model
+from fuzz import datagrams, expected, live, livehelper, model
 from fuzz.model import DENIED, MALFORMED, OK, OS_ERROR, STAGE_BIND, TCP, UDP
 
 pytestmark = pytest.mark.root
@@ -22,7 +22,7 @@ PORT, ADDRESS, TRANSPORT, OPTION = (model.REASON_PORT, model.REASON_ADDRESS,
                                     model.REASON_TRANSPORT, model.REASON_OPTION)  # fmt: skip
 RA, RP, V6 = model.REUSEADDR, model.REUSEPORT, model.V6ONLY
 
-# Worked out by hand from the policy text in fuzz/live.py, not from the model:
+# Worked out by hand from the policy text in fuzz/expected.py, not from the model:
 # (transport, address, port, options) -> (status, detail, code)
 HAND_CASES = [
     (UDP, "127.0.0.1", 53, 0, (OK, 0, 0)),
@@ -58,25 +58,25 @@ HAND_CASES = [
 
 def _request(rid: int, transport: int, address: str, port: int, options: int) -> bytes:
     family, value = model.parse_address(address)
-    return live.encode(model.CREATE, rid, transport, family, port, value, options)
+    return datagrams.encode(model.CREATE, rid, transport, family, port, value, options)
 
 
 @pytest.fixture
-def helper(root: None, tmp_path: Path) -> Iterator[live.LiveHelper]:
+def helper(root: None, tmp_path: Path) -> Iterator[livehelper.LiveHelper]:
     figures = live.Figures()
-    policy = live.write_policy(tmp_path, "live.toml", live.policy_text())
-    started = live.start(policy, live.netns_argv(), figures)
+    policy = live.write_policy(tmp_path, "live.toml", expected.policy_text())
+    started = live.start(policy, livehelper.netns_argv(), figures)
     yield started
     assert started.end() == 0
 
 
 def test_hand_written_cases_agree_with_the_model_and_the_helper(
-    helper: live.LiveHelper,
+    helper: livehelper.LiveHelper,
 ) -> None:
     figures = live.Figures()
     for rid, (transport, address, port, options, (status, detail, code)) in enumerate(HAND_CASES):
         data = _request(rid, transport, address, port, options)
-        want = live.expect(data, with_fds=False)
+        want = expected.expect(data, with_fds=False)
         assert (want.status, want.detail, want.code) == (status, detail, code), HAND_CASES[rid]
         live.one(helper, data, [], False, figures)
         assert figures.mismatches == [], HAND_CASES[rid]
@@ -85,7 +85,8 @@ def test_hand_written_cases_agree_with_the_model_and_the_helper(
     # And a request carrying an fd is MALFORMED whatever it asks for.
     r, w = os.pipe()
     try:
-        assert live.expect(_request(99, UDP, "127.0.0.1", 53, 0), with_fds=True).status == MALFORMED
+        request = _request(99, UDP, "127.0.0.1", 53, 0)
+        assert expected.expect(request, with_fds=True).status == MALFORMED
         live.one(helper, _request(99, UDP, "127.0.0.1", 53, 0), [r, w], True, figures)
         assert figures.mismatches == [] and figures.statuses["MALFORMED"] == 1
     finally:
@@ -93,12 +94,15 @@ def test_hand_written_cases_agree_with_the_model_and_the_helper(
         os.close(w)
 
 
-def test_a_create_sent_before_the_last_reply_was_read_waits(helper: live.LiveHelper) -> None:
+def test_a_create_sent_before_the_last_reply_was_read_waits(
+    helper: livehelper.LiveHelper,
+) -> None:
     figures = live.Figures()
     first = _request(1, UDP, "127.0.0.1", 53, 0)
     second = _request(2, UDP, "127.0.0.1", 80, 0)
     # PROTOCOL.md: refused with a retry-after of 1 ms, and no token taken.
-    assert live.expect(second, False, unread=True) == live.Expected(model.RATE_LIMITED, 2, 1, 0)
+    want = expected.Expected(model.RATE_LIMITED, 2, 1, 0)
+    assert expected.expect(second, False, unread=True) == want
     live.pipelined(helper, (first, [], False), (second, [], False), figures)
     assert figures.mismatches == []
     assert figures.statuses == {"OK": 1, "RATE_LIMITED": 1}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fuzz import live, model
+from fuzz import expected, live, livehelper, model
 from privsock.client import SocketCreator
 from privsock.errors import CreatorOSError, PolicyDenied, RateLimited
 from privsock.helper.protocol import Stage
@@ -46,11 +46,11 @@ def _percentile(sorted_ns: list[float], q: float) -> float:
 def test_100000_requests_flat_fds_and_rss(
     root: None, policy_factory: Callable[[str], Path]
 ) -> None:
-    policy = policy_factory(live.policy_text())  # rate 100000/s, burst 100000
+    policy = policy_factory(expected.policy_text())  # rate 100000/s, burst 100000
     latencies = array.array("d", bytes(8 * REQUESTS))
     granted = denied = refused_sends = 0
     rss: list[int] = []
-    with SocketCreator(str(policy), helper_argv=live.netns_argv(), audit_sink=None,
+    with SocketCreator(str(policy), helper_argv=livehelper.netns_argv(), audit_sink=None,
                        reply_timeout=BOUND) as c:  # fmt: skip
         helper = c.pid
         assert helper is not None
@@ -58,8 +58,8 @@ def test_100000_requests_flat_fds_and_rss(
             c.create(*ALLOWED[i % len(ALLOWED)]).close()
         c.ping()  # idle: the last granted socket is closed
         boss_fds = _boss_fds()
-        helper_fds = live.fd_count(helper)
-        rss.append(live.rss_kib(helper))
+        helper_fds = livehelper.fd_count(helper)
+        rss.append(livehelper.rss_kib(helper))
         clock = time.perf_counter_ns
         started = time.perf_counter()
         for i in range(REQUESTS):
@@ -76,11 +76,11 @@ def test_100000_requests_flat_fds_and_rss(
                 refused_sends += tries - 1
             latencies[i] = clock() - t0
             if i % 10_000 == 9_999:
-                rss.append(live.rss_kib(helper))
+                rss.append(livehelper.rss_kib(helper))
         elapsed = time.perf_counter() - started
         c.ping()
         assert c.pid == helper  # one helper served it all
-        assert live.fd_count(helper) == helper_fds == 2
+        assert livehelper.fd_count(helper) == helper_fds == 2
         assert _boss_fds() == boss_fds
     ordered = sorted(latencies)
     print(
@@ -102,10 +102,10 @@ HAMMER_SECONDS = 2.0
 def test_rate_limit_within_one_token_of_the_bucket(
     root: None, policy_factory: Callable[[str], Path]
 ) -> None:
-    policy = policy_factory(live.policy_text(RATE, BURST))
+    policy = policy_factory(expected.policy_text(RATE, BURST))
     events: list[tuple[float, float, bool]] = []
     check = model.BucketCheck(RATE, BURST, time.monotonic())  # before the bucket exists
-    with SocketCreator(str(policy), helper_argv=live.netns_argv(), audit_sink=None,
+    with SocketCreator(str(policy), helper_argv=livehelper.netns_argv(), audit_sink=None,
                        reply_timeout=BOUND) as c:  # fmt: skip
 
         def ask() -> bool:
