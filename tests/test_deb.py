@@ -64,6 +64,9 @@ def test_versions_agree() -> None:
     changelog = (REPO / "deploy/debian/changelog").read_text().splitlines()[0]
     assert changelog.startswith(f"privsock ({VERSION}) ")
     assert privsock.__version__ == VERSION
+    # The README's install commands name the file `make deb` writes.
+    readme = (REPO / "README.md").read_text()
+    assert f"apt install ./dist/privsock_{VERSION}_all.deb" in readme
 
 
 def test_control_fields(deb: Path) -> None:
