@@ -54,6 +54,11 @@ _DECISIONS = {
 _ANCBUF = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 
 
+# How long SocketCreator(connect=...) waits, per create(), for a rate-limited
+# helper's tokens before it raises RateLimited.
+CONNECT_RATE_WAIT = 2.0
+
+
 class SocketCreator:
     """``SocketCreator(policy)`` starts its own helper (this process needs root,
     or CAP_NET_BIND_SERVICE as the policy's user); ``SocketCreator(connect=PATH)``
@@ -181,6 +186,17 @@ class SocketCreator:
             self._ensure_helper()
             req = dataclasses.replace(create, request_id=self._new_id())
             reply, fd = self._exchange(req, self.reply_timeout)
+            # A socket-activated helper's bucket starts empty (a reconnect must buy
+            # no burst): wait for its first tokens rather than fail, up to a bound.
+            waited = 0.0
+            while (fd is None and reply.status is Status.RATE_LIMITED
+                   and self.connect_path is not None
+                   and waited + reply.detail / 1000 <= CONNECT_RATE_WAIT):  # fmt: skip
+                self._log_boss(req, reply)
+                time.sleep(reply.detail / 1000)
+                waited += reply.detail / 1000
+                req = dataclasses.replace(create, request_id=self._new_id())
+                reply, fd = self._exchange(req, self.reply_timeout)
         if fd is None:
             self._log_boss(req, reply)
             raise self._error(reply, what)

@@ -1,7 +1,11 @@
 """The shared, socket-activated helper under a real systemd (PID 1 of a
 privileged podman container, as in test_deploy.py), with several real
-unprivileged users in privsock-clients: per-user rules decide, and each audit
-line in the journal names the peer the kernel saw."""
+unprivileged users in privsock-clients: per-user rules decide, each audit line
+in the journal names the peer the kernel saw, and the four attacks of an
+unfair shared helper fail: (a) one user holding every connection, (b) a connect
+flood failing the socket unit, (c) reconnecting to refill the rate limit,
+(d) a flood of refused or malformed requests pushing a grant out of the
+journal. Each prints its figures."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from typing import Any
 import pytest
 
 from .conftest import REPO
-from .containers.harness import Podman, build_rootfs, require_tools
+from .containers.harness import PODMAN, Podman, build_rootfs, require_tools
 from .test_deploy import SOCKET_PATH, _in, _installed
 
 pytestmark = [pytest.mark.containers, pytest.mark.slow]
@@ -28,8 +32,11 @@ SHARED_POLICY = """
 version = 1
 
 [rate_limit]
-rate = 50.0
-burst = 10
+rate = 5.0
+burst = 50
+
+[connections]
+per_user = 2
 
 # alice runs the web server.
 [[allow]]
@@ -99,6 +106,27 @@ class Shared:
         result: dict[str, str] = json.loads(out)
         return result
 
+    def runner_exec(self) -> list[str]:
+        return [*PODMAN, "exec", self.name]
+
+    def script(self, user: str, name: str, *args: str) -> dict[str, Any]:
+        out = self.as_user(user, self.python, "-I", f"/opt/{name}.py", SOCKET_PATH, *args)
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Until no helper instance runs (so every slot is free again)."""
+        deadline = time.monotonic() + timeout
+        while self.run("systemctl", "list-units", "--no-legend", "--state=active,activating,"
+                       "deactivating", "privsock-helper@*").strip():  # fmt: skip
+            assert time.monotonic() < deadline, "helpers still running"
+            time.sleep(0.2)
+
+    def socket_unit(self) -> dict[str, str]:
+        out = self.run("systemctl", "show", "privsock-helper.socket",
+                       "--property=ActiveState,Result,NAccepted,NRefused,NConnections")  # fmt: skip
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
     def audit(self) -> list[dict[str, Any]]:
         journal = self.run("journalctl", "--output=cat", "--identifier=privsock-helper")
         return [json.loads(line) for line in journal.splitlines() if line.startswith("{")]
@@ -122,7 +150,9 @@ def shared() -> Iterator[Shared]:
             group.write(f"privsock-clients:x:990:{','.join(USERS)}\n")
         _installed(rootfs / "etc/systemd/system")
         (rootfs / "opt").mkdir()
-        (rootfs / "opt/ask.py").write_text(ASK)
+        for script, text in (("ask", ASK), ("hold", HOLD), ("flood", FLOOD),
+                             ("reconnect", RECONNECT), ("noise", NOISE)):  # fmt: skip
+            (rootfs / f"opt/{script}.py").write_text(text)
         name, cmd, env = runner.command(
             rootfs, ["--detach", "--privileged", "--systemd=always", "--network=none"],
             ["/usr/lib/systemd/systemd"],
@@ -156,3 +186,229 @@ def test_per_user_rules_under_systemd(shared: Shared) -> None:
     assert by_peer[(USERS["bob"], 80)] == ("denied", "default")
     assert by_peer[(USERS["bob"], 53)] == ("granted", "allow[1]")
     assert all(isinstance(r["peer_pid"], int) and r["peer_pid"] > 1 for r in lines)
+
+
+# As one user: open N connections, PING each, print which were served, keep
+# them all open for HOLD seconds.
+HOLD = r"""
+import json, socket, sys, time
+from privsock.helper import protocol
+n, hold = int(sys.argv[2]), float(sys.argv[3])
+socks, served = [], []
+for i in range(n):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(sys.argv[1])
+    s.settimeout(30)
+    try:
+        s.send(protocol.encode_request(protocol.Ping(1)))
+        served.append(s.recv(64) != b"")
+    except OSError:
+        served.append(False)
+    socks.append(s)
+print(json.dumps(served), flush=True)
+time.sleep(hold)
+"""
+
+# As one user: connect and close as fast as possible, N times.
+FLOOD = r"""
+import json, socket, sys, time
+n, refused = int(sys.argv[2]), 0
+start = time.monotonic()
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        s.connect(sys.argv[1])
+    except OSError:
+        refused += 1
+    s.close()
+print(json.dumps({"connects": n, "seconds": time.monotonic() - start, "refused": refused}))
+"""
+
+# As one user, WORKERS threads for SECONDS: connect, take grants until the
+# first RATE_LIMITED, close, reconnect at once. Prints grants and the time span.
+RECONNECT = r"""
+import ipaddress, json, socket, sys, threading, time
+from privsock.helper import protocol
+path, workers, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+req = protocol.encode_request(protocol.Create(
+    2, protocol.Transport.UDP, ipaddress.ip_address("127.0.0.1"), 53))
+grants, connections = [0], [0]
+lock = threading.Lock()
+start = time.monotonic()
+def work():
+    while time.monotonic() - start < seconds:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.settimeout(30)
+        try:
+            s.connect(path)
+            with lock:
+                connections[0] += 1
+            while True:
+                s.send(req)
+                data, fds, _, _ = socket.recv_fds(s, 64, 1)
+                for fd in fds:
+                    socket.socket(fileno=fd).close()
+                if not data or protocol.decode_reply(data).status is not protocol.Status.OK:
+                    break
+                with lock:
+                    grants[0] += 1
+        except OSError:
+            pass
+        finally:
+            s.close()
+threads = [threading.Thread(target=work) for _ in range(workers)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps({"grants": grants[0], "connections": connections[0],
+                  "seconds": time.monotonic() - start}))
+"""
+
+# As one user, on one connection: COUNT requests of one kind (CREATE refused
+# by the rate limit, or malformed), each answered before the next, then
+# (on a new connection if this one was closed) one grant with id MARK.
+NOISE = r"""
+import ipaddress, json, socket, sys, time
+from privsock.helper import protocol
+path, kind, count, mark = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+create = protocol.encode_request(protocol.Create(
+    2, protocol.Transport.UDP, ipaddress.ip_address("127.0.0.1"), 53))
+msg = create if kind == "create" else b"\x00" * 5
+def connect():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(path)
+    s.settimeout(30)
+    return s
+s, answered, start = connect(), 0, time.monotonic()
+try:
+    for _ in range(count):
+        s.send(msg)
+        data, fds, _, _ = socket.recv_fds(s, 64, 1)
+        for fd in fds:
+            socket.socket(fileno=fd).close()
+        if not data:
+            break
+        answered += 1
+except OSError:
+    pass
+seconds = time.monotonic() - start
+closed = False
+try:
+    s.send(protocol.encode_request(protocol.Ping(1)))
+    closed = s.recv(64) == b""
+except OSError:
+    closed = True
+if closed:
+    s = connect()
+grant = protocol.encode_request(protocol.Create(
+    mark, protocol.Transport.UDP, ipaddress.ip_address("127.0.0.1"), 53))
+while True:
+    s.send(grant)
+    data, fds, _, _ = socket.recv_fds(s, 64, 1)
+    for fd in fds:
+        socket.socket(fileno=fd).close()
+    reply = protocol.decode_reply(data)
+    if reply.status is not protocol.Status.RATE_LIMITED:
+        break
+    time.sleep(reply.detail / 1000)
+print(json.dumps({"sent": count, "answered": answered, "seconds": seconds,
+                  "closed_after": answered if closed else None, "mark": reply.status.name}))
+"""
+
+
+PER_USER = 2  # SHARED_POLICY's [connections] per_user
+RATE = 5.0  # SHARED_POLICY's rate
+
+
+def test_a_one_user_cannot_take_every_connection(shared: Shared) -> None:
+    """alice opens 2 more connections than per_user and keeps them: only
+    per_user are served, and bob is served meanwhile (before: 4 idle
+    connections of one user made everyone else's fail)."""
+    shared.wait_idle()
+    cmd = [*shared.runner_exec(), "setpriv", "--reuid=alice", "--regid=alice",
+           "--init-groups", "--", shared.python, "-I", "/opt/hold.py", SOCKET_PATH,
+           str(PER_USER + 2), "20"]  # fmt: skip
+    alice = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=shared.runner.env)
+    try:
+        assert alice.stdout is not None
+        held = json.loads(alice.stdout.readline())
+        # The refused helpers have exited (and their units stopped): the slots
+        # must survive that (RuntimeDirectoryPreserve=), so one more is refused too.
+        time.sleep(2)
+        again = json.loads(shared.as_user("alice", shared.python, "-I", "/opt/hold.py",
+                                          SOCKET_PATH, "1", "0"))  # fmt: skip
+        bob = shared.ask("bob", "udp:127.0.0.1:53")
+    finally:
+        alice.kill()
+        alice.wait()
+    print(f"(a) alice holds {sum(held)} of {len(held)} connections (per_user {PER_USER}); "
+          f"another of hers served: {again[0]}; bob: {bob}")  # fmt: skip
+    assert held == [True] * PER_USER + [False, False]
+    assert again == [False]
+    assert bob == {"udp:127.0.0.1:53": "OK"}
+
+
+def test_b_a_connect_flood_does_not_fail_the_socket_unit(shared: Shared) -> None:
+    """1,000 connects as fast as one process makes them (before: 201 in 0.04 s
+    failed the unit with trigger-limit-hit and removed the socket file)."""
+    shared.wait_idle()
+    flood = shared.script("carol", "flood", "1000")
+    shared.wait_idle(timeout=180)
+    unit = shared.socket_unit()
+    bob = shared.ask("bob", "udp:127.0.0.1:53")
+    print(f"(b) {flood['connects']} connects in {flood['seconds']:.2f} s "
+          f"({flood['connects'] / flood['seconds']:.0f}/s, {flood['refused']} refused by "
+          f"connect); socket unit {unit}; bob afterwards: {bob}")  # fmt: skip
+    assert (unit["ActiveState"], unit["Result"]) == ("active", "success")
+    assert shared.run("stat", "-c", "%F", SOCKET_PATH).strip() == "socket"
+    assert bob == {"udp:127.0.0.1:53": "OK"}
+
+
+def test_c_reconnecting_does_not_refill_the_rate_limit(shared: Shared) -> None:
+    """alice reconnects as fast as she can from per_user threads, taking grants
+    until each connection's first RATE_LIMITED: her grants stay within
+    per_user x rate x time (before: 1,904 grants in 2 s against a rate of 50/s)."""
+    shared.wait_idle()
+    got = shared.script("alice", "reconnect", str(PER_USER), "3")
+    bound = PER_USER * RATE * got["seconds"]
+    print(f"(c) {got['grants']} grants over {got['connections']} connections in "
+          f"{got['seconds']:.2f} s = {got['grants'] / got['seconds']:.1f}/s; bound "
+          f"per_user x rate = {PER_USER * RATE:.0f}/s, {bound:.1f} in that time")  # fmt: skip
+    assert got["connections"] > PER_USER  # she did reconnect
+    assert got["grants"] <= bound
+
+
+def _lines_of(shared: Shared, uid: int) -> list[dict[str, Any]]:
+    return [r for r in shared.audit() if r["peer_uid"] == uid]
+
+
+@pytest.mark.parametrize(("kind", "count"), [("create", 50_000), ("malformed", 50_000)])
+def test_d_no_flood_keeps_a_grant_out_of_the_journal(
+    shared: Shared, kind: str, count: int
+) -> None:
+    """bob sends 50,000 requests that cost no grant (refused by the empty
+    bucket, or malformed), then asks for one socket: its grant is in the
+    journal (before: journald's per-unit limit, 10,000 lines in 30 s scaled up
+    by the free space, dropped it after about 35,000). A shared helper ends the
+    session at the first malformed message, and at a CREATE sent before the
+    wait it gave for the last one, so each connection writes a few lines. The first malformed
+    message ends the session, so garbage costs a connection each."""
+    shared.wait_idle()
+    mark = 0xC0FFEE if kind == "create" else 0xC0FFEF
+    got = shared.script("bob", "noise", kind, str(count), str(mark))
+    shared.wait_idle()
+    lines = _lines_of(shared, USERS["bob"])
+    grant = [r for r in lines if r["id"] == mark]
+    noise = [r for r in lines if r["decision"] == ("malformed" if kind == "malformed"
+                                                  else "rate_limited")]  # fmt: skip
+    suppressed = shared.run("journalctl", "--output=cat", "--grep=Suppressed").strip()
+    print(f"(d) {kind}: {got['answered']} of {got['sent']} answered in {got['seconds']:.2f} s, "
+          f"session closed after {got['closed_after']}; journal: {len(noise)} {kind} lines "
+          f"of bob's, grant {mark:#x}: {[r['decision'] for r in grant]}; "
+          f"journald suppressed: {suppressed or 'nothing'}")  # fmt: skip
+    assert got["mark"] == "OK"
+    assert [r["decision"] for r in grant if r["decision"] != "rate_limited"] == ["granted"]
+    assert not suppressed
+    if kind == "malformed":
+        assert got["closed_after"] == 1
+    else:  # the second CREATE came before the first's retry_ms: session over
+        assert got["closed_after"] == 2

@@ -21,7 +21,7 @@ class Exit(enum.IntEnum):
     SOFTWARE = 70  # EX_SOFTWARE: unexpected error inside the request loop
     OSERR = 71  # EX_OSERR: a hardening step failed, or self-verification found a difference
     NOLANDLOCK = 72  # the policy requires Landlock and the kernel offers none (EX_OSFILE's slot)
-    TEMPFAIL = 75  # EX_TEMPFAIL: exec: rate limited, try again later
+    TEMPFAIL = 75  # EX_TEMPFAIL: exec rate limited; the helper: the peer's user is at per_user
     PROTOCOL = 76  # EX_PROTOCOL: the channel on fd 0 is not a SOCK_SEQPACKET socket
     NOPERM = 77  # EX_NOPERM: missing privilege (not root, no CAP_NET_BIND_SERVICE)
     CONFIG = 78  # EX_CONFIG: the policy file is insecure, or the process does not fit the policy
@@ -33,7 +33,7 @@ class Exit(enum.IntEnum):
 # The codes privsock-helper itself exits with; the others are the CLI's.
 HELPER_EXITS = frozenset({
     Exit.OK, Exit.USAGE, Exit.DATAERR, Exit.NOINPUT, Exit.NOUSER, Exit.SOFTWARE, Exit.OSERR,
-    Exit.NOLANDLOCK, Exit.PROTOCOL, Exit.NOPERM, Exit.CONFIG,
+    Exit.NOLANDLOCK, Exit.TEMPFAIL, Exit.PROTOCOL, Exit.NOPERM, Exit.CONFIG,
 })  # fmt: skip
 
 DESCRIPTIONS: dict[Exit, str] = {
@@ -47,6 +47,9 @@ DESCRIPTIONS: dict[Exit, str] = {
     Exit.NOLANDLOCK: (
         "the policy requires Landlock (require_landlock, the default) and the kernel "
         "offers none"
+    ),
+    Exit.TEMPFAIL: (
+        "a shared helper's peer already holds all its connections ([connections] per_user)"
     ),
     Exit.PROTOCOL: "fd 0 is not a SOCK_SEQPACKET socket",
     Exit.NOPERM: "missing privilege: run as root or give CAP_NET_BIND_SERVICE",

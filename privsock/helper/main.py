@@ -39,7 +39,15 @@ import time
 import warnings
 from dataclasses import dataclass
 
-from privsock.helper import auditrecord, drop, landlock, peercred, protocol, seccomp_filter
+from privsock.helper import (
+    auditrecord,
+    drop,
+    landlock,
+    peercred,
+    protocol,
+    seccomp_filter,
+    slots,
+)  # fmt: skip
 from privsock.helper.exitcodes import Exit, Refusal
 from privsock.helper.policy import Peer, Policy, decide, tcp_bind_ports
 from privsock.helper.policy_file import load_policy
@@ -108,6 +116,7 @@ class Hardened:
     pid: int  # our own pid, read before the filter (audit lines carry it)
     landlock: landlock.Applied | str  # the ruleset applied, or why there is none
     peer: Peer  # who is on the other end of fd 0, as the kernel recorded it
+    shared: bool  # fd 0 came from accept(): a helper shared by every user of a socket
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +140,9 @@ def harden(policy_path: str, expected_parent: int) -> Hardened:
             peer = peercred.read_peer(chan)
         except OSError as exc:
             raise Refusal(Exit.PROTOCOL, f"cannot tell who is on fd 0: {exc.strerror}") from None
-        locked = _drop_and_lock(policy_path, expected_parent, root_start)
+        shared = peercred.accepted(chan)
+        locked = _drop_and_lock(policy_path, expected_parent, root_start,
+                                peer.uid if shared else None)  # fmt: skip
         ruleset = _landlock(locked.policy)
         try:
             seccomp_filter.load()
@@ -153,7 +164,7 @@ def harden(policy_path: str, expected_parent: int) -> Hardened:
         # calls getsockname, which the filter kills. Let go of fd 0 by hand.
         chan.detach()
         raise
-    return Hardened(chan, locked.policy, locked.pid, ruleset, peer)
+    return Hardened(chan, locked.policy, locked.pid, ruleset, peer, shared)
 
 
 def _landlock(policy: Policy) -> landlock.Applied | str:
@@ -194,8 +205,11 @@ def _probe_landlock() -> None:
                   "could be bound; refusing to serve")  # fmt: skip
 
 
-def _drop_and_lock(policy_path: str, expected_parent: int, root_start: bool) -> _Locked:
-    """Steps 2-6."""
+def _drop_and_lock(
+    policy_path: str, expected_parent: int, root_start: bool, shared_peer: int | None
+) -> _Locked:
+    """Steps 2-6. ``shared_peer``: the peer uid of a shared helper, which takes one
+    of that user's connection slots (slots.py), or None."""
     try:
         policy = load_policy(policy_path)
         uid, gid = drop.resolve_ids(policy.user, policy.group)
@@ -206,6 +220,11 @@ def _drop_and_lock(policy_path: str, expected_parent: int, root_start: bool) -> 
         else:
             drop.keep_user(uid, gid)
         drop.lock(expected_parent)
+        if shared_peer is not None and policy.connections is not None:
+            slot = slots.take(policy.connections.lock_dir, shared_peer,
+                              policy.connections.per_user)  # fmt: skip
+            os.dup2(slot, slots.SLOT_FD, inheritable=False)
+            os.close(slot)
         pid = os.getpid()
         _warm_up(policy)
         with open("/proc/self/status", encoding="ascii") as f:
@@ -243,7 +262,8 @@ def run(argv: list[str]) -> int:
     _say(f"hardened, serving (pid {pid}, policy {policy_path}, peer uid {peer.uid} "
          f"pid {peer.pid}); Landlock: {shown}")  # fmt: skip
     try:
-        Session(chan, policy, pid, log=lambda line: os.write(2, line), peer=peer).serve()
+        Session(chan, policy, pid, log=lambda line: os.write(2, line), peer=peer,
+                shared=hardened.shared).serve()
     except (BrokenPipeError, ConnectionResetError):
         pass  # the boss is gone mid-exchange: same as end-of-file
     finally:

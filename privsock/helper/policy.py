@@ -93,6 +93,14 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
+class Connections:
+    """[connections]: a shared helper's bound on helpers per peer uid (slots.py)."""
+
+    per_user: int
+    lock_dir: str
+
+
+@dataclass(frozen=True, slots=True)
 class Peer:
     """The process on the other end of the channel, as the kernel saw it when it
     connected (or created the socketpair)."""
@@ -113,6 +121,7 @@ class Policy:
     # Refuse to start where the kernel cannot apply the Landlock ruleset
     # (landlock.py); SECURITY.md says why this is the default.
     require_landlock: bool = True
+    connections: Connections | None = None  # None: no bound per user
 
 
 @dataclass(frozen=True, slots=True)

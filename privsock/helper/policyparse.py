@@ -15,6 +15,10 @@ Format (TOML; policy/README.md has the same with examples)::
     rate = 20.0                  # CREATE requests/s, sustained: 0 < rate <= 100000; default 20
     burst = 40                   # integer, 1-100000; default 40
 
+    [connections]                # optional; only a shared (socket-activated) helper uses it
+    per_user = 4                 # required in the table: helpers at once per peer uid, 1-1024
+    lock_dir = "/run/privsock/users"  # default; an absolute, normalised path
+
     [[allow]]                    # zero or more
     transports = ["tcp"]         # required
     ports = [53, "8000-8080"]    # required
@@ -75,12 +79,14 @@ import ipaddress
 import itertools
 import json
 import math
+import posixpath
 import re
 import tomllib
 from typing import Literal
 
 from privsock.helper.policy import (
     GRANTABLE,
+    Connections,
     IPNetwork,
     Policy,
     RateLimit,
@@ -97,7 +103,10 @@ _DEFAULT_BURST = 40
 _MAX_RATE = 100_000
 _MAX_BURST = 100_000
 
-_TOP_KEYS = ("version", "helper", "rate_limit", "allow", "deny")
+_TOP_KEYS = ("version", "helper", "rate_limit", "connections", "allow", "deny")
+_CONNECTION_KEYS = ("per_user", "lock_dir")
+_DEFAULT_LOCK_DIR = "/run/privsock/users"
+_MAX_PER_USER = 1024
 _HELPER_KEYS = ("user", "group", "require_landlock")
 _RATE_KEYS = ("rate", "burst")
 _ALLOW_KEYS = ("transports", "ports", "addresses", "options", "users", "groups")
@@ -201,7 +210,30 @@ def _policy(document: dict[str, object]) -> Policy:
             names = " and ".join(d.name for d in covering)
             verb = "covers" if len(covering) == 1 else "cover"
             raise _Invalid(rule.name, f"{rule.name} can never match: {names} {verb} it")
-    return Policy(user, group, rate_limit, allow, deny, require_landlock)
+    connections = None
+    if "connections" in document:
+        connections = _connections(_table(document["connections"], "connections",
+                                          _CONNECTION_KEYS))  # fmt: skip
+    return Policy(user, group, rate_limit, allow, deny, require_landlock, connections)
+
+
+def _connections(table: dict[str, object]) -> Connections:
+    if "per_user" not in table:
+        raise _Invalid("connections.per_user", "missing: [connections] needs it")
+    per_user = table["per_user"]
+    if type(per_user) is not int:
+        raise _Invalid("connections.per_user", f"must be an integer, not {_kind(per_user)}")
+    if not 1 <= per_user <= _MAX_PER_USER:
+        raise _Invalid("connections.per_user", f"{per_user} is outside 1-{_MAX_PER_USER}")
+    lock_dir = table.get("lock_dir", _DEFAULT_LOCK_DIR)
+    if not isinstance(lock_dir, str):
+        raise _Invalid("connections.lock_dir", f"must be a string, not {_kind(lock_dir)}")
+    if (not lock_dir.startswith("/") or not lock_dir.isprintable()
+            or posixpath.normpath(lock_dir) != lock_dir or lock_dir == "/"):  # fmt: skip
+        raise _Invalid(
+            "connections.lock_dir", f"{_show(lock_dir)} is not an absolute, normalised path"
+        )
+    return Connections(per_user, lock_dir)
 
 
 def _table(value: object, key: str, known: tuple[str, ...]) -> dict[str, object]:

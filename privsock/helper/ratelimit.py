@@ -10,18 +10,19 @@ import math
 
 
 class TokenBucket:
-    """``rate`` tokens per second, at most ``burst`` stored; starts full."""
+    """``rate`` tokens per second, at most ``burst`` stored; starts full, or with
+    ``tokens`` (a shared helper's bucket starts empty, so reconnecting buys nothing)."""
 
     __slots__ = ("_stamp", "_tokens", "burst", "rate")
 
-    def __init__(self, rate: float, burst: int, now: float) -> None:
+    def __init__(self, rate: float, burst: int, now: float, tokens: float | None = None) -> None:
         if not (rate > 0 and math.isfinite(rate)):
             raise ValueError(f"rate must be a positive finite number, not {rate!r}")
         if burst < 1:
             raise ValueError(f"burst must be at least 1, not {burst!r}")
         self.rate = rate
         self.burst = burst
-        self._tokens = float(burst)
+        self._tokens = float(burst) if tokens is None else min(float(burst), max(0.0, tokens))
         self._stamp = now
 
     def _refill(self, now: float) -> None:

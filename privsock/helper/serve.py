@@ -104,11 +104,22 @@ class Session:
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], float] = time.time,
         peer: Peer | None = None,
+        shared: bool = False,
     ) -> None:
         self.chan = chan
         self.peer = peer
         self.policy = policy
-        self.bucket = TokenBucket(policy.rate_limit.rate, policy.rate_limit.burst, clock())
+        # A shared (socket-activated) helper's peer may reconnect at will: its
+        # bucket starts empty, so a new connection buys no burst and a user's
+        # grants stay within rate x its connections (deploy/systemd/README.md).
+        self.shared = shared
+        # A shared helper ends the session when a CREATE comes before the wait it
+        # gave for the last one has passed: a boss that ignores retry_ms only
+        # floods the log, and each connection then writes a bounded number of lines.
+        self.retry_at = 0.0
+        self.ending = False
+        self.bucket = TokenBucket(policy.rate_limit.rate, policy.rate_limit.burst, clock(),
+                                  tokens=0.0 if shared else None)  # fmt: skip
         self.pid = pid
         self.log = log
         self.clock = clock
@@ -150,8 +161,12 @@ class Session:
             self._audit(rid, req, "rate_limited", reason="unread replies", retry_ms=1)
             return protocol.rate_limited(rid, 1), None
         # The token goes before the decision, so probing the policy costs too.
-        wait_ms = self.bucket.take(self.clock())
+        now = self.clock()
+        wait_ms = self.bucket.take(now)
         if wait_ms:
+            if self.shared and now < self.retry_at:
+                self.ending = True
+            self.retry_at = now + wait_ms / 1000.0
             self._audit(rid, req, "rate_limited", retry_ms=wait_ms)
             return protocol.rate_limited(rid, wait_ms), None
         verdict = decide(self.policy, req, self.peer)
@@ -188,6 +203,12 @@ class Session:
             reply, sock = self.handle(data, ancdata, flags)
             if sock is None:
                 self.chan.sendmsg([protocol.encode_reply(reply)])
+                # On a shared helper the first malformed message ends the session
+                # after its reply: garbage costs a connection, not just a line.
+                if self.shared and reply.status is Status.MALFORMED:
+                    return
+                if self.ending:
+                    return
                 continue
             try:
                 fds = array.array("i", [sock.fileno()])
