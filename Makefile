@@ -23,7 +23,7 @@ bootstrap-containers:
 ## The main job: serve the bundled echo service on 127.0.0.1:53 (udp+tcp) as
 ## the unprivileged user, with sockets from the hardened helper. Ctrl-C stops it.
 run: bootstrap
-	$(VENV)/bin/privsock exec --policy $(POLICY) --user privsock \
+	$(VENV)/bin/privsock exec --policy $(POLICY) --user privsock-demo \
 	    --listen udp:127.0.0.1:53 --listen tcp:127.0.0.1:53 \
 	    -- $(PY) -I -m privsock.examples.echo
 

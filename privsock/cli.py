@@ -126,6 +126,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
     try:
         target = dropall.resolve(args.user, args.group)
         dropall.check_privilege()
+        policy = load_policy(args.policy)
+        execenv.refuse_helper_identity(target, policy.user, policy.group)
         env = execenv.clean_environment(
             target, os.environ, keep=args.keep_env, setenv=args.setenv
         )

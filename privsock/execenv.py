@@ -18,8 +18,10 @@ launcher (``privsock exec``, a supervisor) can use it.
 from __future__ import annotations
 
 import errno
+import grp
 import json
 import os
+import pwd
 import re
 import stat
 from collections.abc import Iterable, Mapping, Sequence
@@ -85,6 +87,33 @@ def clean_environment(
     for name, value in setenv:
         env[check_env_name(name)] = value
     return env
+
+
+def refuse_helper_identity(target: dropall.Target, helper_user: str, helper_group: str) -> None:
+    """A server must not run as the helper's user or group: a process of that
+    uid can kill, stop or starve (the kernel's per-user count of fds in
+    flight) every helper of that user, whoever's boss started it."""
+    try:
+        uid = pwd.getpwnam(helper_user).pw_uid
+    except KeyError:
+        uid = None  # the helper will refuse to start, and say why
+    try:
+        gid = grp.getgrnam(helper_group).gr_gid
+    except KeyError:
+        gid = None
+    if target.uid == uid:
+        raise Refusal(
+            Exit.USAGE,
+            f"refusing to run the command as {target.user}, the policy's helper user: "
+            "anything running as it can stall or kill every helper; give the server "
+            "a user of its own",
+        )
+    if target.gid == gid:
+        raise Refusal(
+            Exit.USAGE,
+            f"refusing to run the command with group {helper_group}, the policy's helper "
+            "group; give the server a group of its own",
+        )
 
 
 def _candidates(name: str, search_path: str) -> list[str]:

@@ -32,7 +32,7 @@ from .helper_proc import DROPPED_STATUS
 
 PRIVSOCK = str(Path(sys.executable).with_name("privsock"))
 GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
-USER = pwd.getpwnam("privsock")
+USER = pwd.getpwnam("privsock-demo")
 
 # What the exec'd program sees, as JSON on stdout. The fd list is taken first;
 # the listing's own directory fd is closed again by the time fcntl checks each.
@@ -78,7 +78,7 @@ def privsock_exec(
 
 def probe(policy: Path, *listen_args: str, **popen: Any) -> dict[str, Any]:
     result = privsock_exec(
-        policy, "--user", "privsock", *listen_args, "--", sys.executable, "-I", "-c", PROBE,
+        policy, "--user", "privsock-demo", *listen_args, "--", sys.executable, "-I", "-c", PROBE,
         **popen,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -128,7 +128,7 @@ def test_child_gets_the_sockets_the_environment_and_no_privilege(test_policy: Pa
     assert env["LISTEN_FDS"] == "2"
     assert env["LISTEN_PID"] == str(seen["pid"])
     assert env["LISTEN_FDNAMES"] == "dns:web"
-    assert (env["USER"], env["HOME"]) == ("privsock", USER.pw_dir)
+    assert (env["USER"], env["HOME"]) == ("privsock-demo", USER.pw_dir)
     assert seen["socks"] == [
         {"fd": 3, "family": "AF_INET", "type": "SOCK_DGRAM", "addr": ["127.0.0.1", 1015],
          "listening": 0, "inheritable": True},
@@ -174,7 +174,7 @@ def test_stdio_is_passed_unchanged(test_policy: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     with out.open("w") as f:
         result = subprocess.run(
-            [PRIVSOCK, "exec", "--policy", str(test_policy), "--user", "privsock",
+            [PRIVSOCK, "exec", "--policy", str(test_policy), "--user", "privsock-demo",
              "--listen", "udp:127.0.0.1:1018", "--", sys.executable, "-I", "-c",
              "import os, sys; print(os.readlink('/proc/self/fd/1')); print(input())"],
             stdout=f, input="from stdin", stderr=subprocess.PIPE, text=True, timeout=60,
@@ -185,7 +185,7 @@ def test_stdio_is_passed_unchanged(test_policy: Path, tmp_path: Path) -> None:
 
 def test_denied_port_starts_nothing_and_says_why_in_one_line(test_policy: Path) -> None:
     result = privsock_exec(
-        test_policy, "--user", "privsock", "--listen", "udp:127.0.0.1:1019",
+        test_policy, "--user", "privsock-demo", "--listen", "udp:127.0.0.1:1019",
         "--listen", "tcp:0.0.0.0:22", "--", "/bin/echo", "STARTED",
     )  # fmt: skip
     assert result.returncode == Exit.NOPERM
@@ -200,7 +200,7 @@ def test_address_in_use_is_named(test_policy: Path) -> None:
         taken.bind(("127.0.0.1", 1020))
         taken.listen(1)
         result = privsock_exec(
-            test_policy, "--user", "privsock", "--listen", "udp:127.0.0.1:1020",
+            test_policy, "--user", "privsock-demo", "--listen", "udp:127.0.0.1:1020",
             "--listen", "tcp:127.0.0.1:1020", "--", "/bin/echo", "STARTED",
         )  # fmt: skip
     assert result.returncode == 69
@@ -214,7 +214,7 @@ def test_address_in_use_is_named(test_policy: Path) -> None:
 def test_both_sides_log_grants_to_the_audit_file(test_policy: Path, tmp_path: Path) -> None:
     log = tmp_path / "audit.log"
     result = privsock_exec(
-        test_policy, "--user", "privsock", "--listen", "udp:127.0.0.1:1021",
+        test_policy, "--user", "privsock-demo", "--listen", "udp:127.0.0.1:1021",
         "--audit-log", f"file:{log}", "--", "/bin/true",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -246,7 +246,7 @@ def wsgi_dir() -> Iterator[Path]:
 
 def test_gunicorn_serves_on_port_80_as_privsock(test_policy: Path, wsgi_dir: Path) -> None:
     proc = subprocess.Popen(
-        [PRIVSOCK, "exec", "--policy", str(test_policy), "--user", "privsock",
+        [PRIVSOCK, "exec", "--policy", str(test_policy), "--user", "privsock-demo",
          "--listen", "tcp:127.0.0.1:80", "--", GUNICORN, "--workers", "1",
          "--chdir", str(wsgi_dir), "hello:app"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -296,6 +296,12 @@ BAD_ARGS: list[tuple[list[str], int, str]] = [
     (["--setenv", "LISTEN_FDS=9", *LISTEN], Exit.USAGE, "LISTEN_FDS is set by privsock itself"),
     (["--keep-env", "A-B", *LISTEN], Exit.USAGE, "'A-B' is not a variable name"),
     (["--keep-env", "LISTEN_PID", *LISTEN], Exit.USAGE, "LISTEN_PID is set by privsock"),
+    (["--user", "privsock", *LISTEN], Exit.USAGE,
+     "refusing to run the command as privsock, the policy's helper user"),
+    (["--user", str(pwd.getpwnam("privsock").pw_uid), *LISTEN], Exit.USAGE,
+     "the policy's helper user"),
+    (["--group", "privsock", *LISTEN], Exit.USAGE,
+     "refusing to run the command with group privsock, the policy's helper group"),
     (["--user", "nosuchuser", *LISTEN], Exit.NOUSER, "no such user: 'nosuchuser'"),
     (["--group", "nosuchgroup", *LISTEN], Exit.NOUSER, "no such group: 'nosuchgroup'"),
     (["--user", "root", *LISTEN], Exit.USAGE, "refusing to run the command as root"),
@@ -309,7 +315,7 @@ def test_bad_arguments_get_one_line(
     test_policy: Path, args: list[str], code: int, message: str
 ) -> None:
     if "--user" not in args:
-        args = ["--user", "privsock", *args]
+        args = ["--user", "privsock-demo", *args]
     result = privsock_exec(test_policy, *args, "--", "/bin/echo", "STARTED")
     assert result.returncode == code, result.stderr
     assert result.stdout == ""
@@ -332,7 +338,7 @@ def test_the_environment_is_clean_and_only_named_variables_pass(test_policy: Pat
         env=caller,
     )  # fmt: skip
     assert seen["env"] == {
-        "PATH": SAFE_PATH, "HOME": USER.pw_dir, "USER": "privsock", "LOGNAME": "privsock",
+        "PATH": SAFE_PATH, "HOME": USER.pw_dir, "USER": "privsock-demo", "LOGNAME": "privsock-demo",
         "SHELL": USER.pw_shell, "TERM": "vt100", "LANG": "C.UTF-8", "LC_TIME": "C",
         "KEEP_ME": "kept", "APP_MODE": "a=b",
         "LISTEN_FDS": "1", "LISTEN_PID": str(seen["pid"]), "LISTEN_FDNAMES": "udp-1015",
@@ -349,7 +355,7 @@ def test_the_command_is_looked_up_in_the_clean_path_not_roots(
     (tmp_path / "python3").chmod(0o755)
     env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
     result = privsock_exec(
-        test_policy, "--user", "privsock", "--listen", "tcp:127.0.0.1:80", "--",
+        test_policy, "--user", "privsock-demo", "--listen", "tcp:127.0.0.1:80", "--",
         "privsock-only-in-roots-path", env=env,
     )  # fmt: skip
     assert result.returncode == 127
@@ -358,7 +364,7 @@ def test_the_command_is_looked_up_in_the_clean_path_not_roots(
         f"(searched PATH {SAFE_PATH})"
     ]
     result = privsock_exec(
-        test_policy, "--user", "privsock", "--listen", "tcp:127.0.0.1:80", "--",
+        test_policy, "--user", "privsock-demo", "--listen", "tcp:127.0.0.1:80", "--",
         "python3", "-c", "import sys; print(sys.executable)", env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -372,7 +378,7 @@ def test_the_command_is_looked_up_in_the_clean_path_not_roots(
         (["no-such-command-xyz"], 127,
          f"command not found: 'no-such-command-xyz' (searched PATH {SAFE_PATH})"),
         (["/no/such/server"], 127, "/no/such/server: no such file"),
-        (["/etc/passwd"], 126, "/etc/passwd: not executable by privsock"),
+        (["/etc/passwd"], 126, "/etc/passwd: not executable by privsock-demo"),
         (["/usr/bin"], 126, "/usr/bin: is a directory"),
         (["/dev/null"], 126, "/dev/null: not a regular file"),
     ],
@@ -381,7 +387,7 @@ def test_a_command_the_user_cannot_run_is_refused_before_anything_starts(
     test_policy: Path, command: list[str], code: int, message: str
 ) -> None:
     result = privsock_exec(
-        test_policy, "--user", "privsock", "--listen", "tcp:127.0.0.1:80", "--", *command
+        test_policy, "--user", "privsock-demo", "--listen", "tcp:127.0.0.1:80", "--", *command
     )
     assert result.returncode == code
     assert result.stderr.splitlines() == [f"privsock: exec: {message}"]  # not even a PING
@@ -397,7 +403,7 @@ def test_a_command_root_can_run_but_the_user_cannot_is_refused_by_its_path(
         script.write_text("#!/bin/sh\necho STARTED\n")
         script.chmod(0o755)
         result = privsock_exec(
-            test_policy, "--user", "privsock", "--listen", "tcp:127.0.0.1:80", "--",
+            test_policy, "--user", "privsock-demo", "--listen", "tcp:127.0.0.1:80", "--",
             str(script),
         )  # fmt: skip
     finally:
@@ -405,7 +411,7 @@ def test_a_command_root_can_run_but_the_user_cannot_is_refused_by_its_path(
     assert result.returncode == 126
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
-        f"privsock: exec: {script}: permission denied for privsock "
+        f"privsock: exec: {script}: permission denied for privsock-demo "
         "(a directory on the way is not searchable)"
     ]
 
@@ -421,17 +427,17 @@ def test_the_starting_directory_must_be_open_to_the_user(test_policy: Path) -> N
         (private / "inner").mkdir(mode=0o755)
         for args, cwd, message in [
             (["--chdir", str(private)], REPO,
-             f"--chdir {private}: Permission denied (as privsock)"),
+             f"--chdir {private}: Permission denied (as privsock-demo)"),
             (["--chdir", "/no/such/dir"], REPO,
-             "--chdir /no/such/dir: No such file or directory (as privsock)"),
+             "--chdir /no/such/dir: No such file or directory (as privsock-demo)"),
             (["--chdir", "usr"], REPO, "--chdir usr: give an absolute path"),
             # Open itself, but under a directory the user may not enter: it
             # would be a way in that the user's own path lookups do not have.
             ([], private / "inner", f"the current directory {private / 'inner'} is not open "
-             "to privsock; start from another directory or give --chdir DIR"),
+             "to privsock-demo; start from another directory or give --chdir DIR"),
         ]:  # fmt: skip
             result = privsock_exec(
-                test_policy, "--user", "privsock", "--listen", "tcp:127.0.0.1:80", *args,
+                test_policy, "--user", "privsock-demo", "--listen", "tcp:127.0.0.1:80", *args,
                 "--", "/bin/echo", "STARTED", cwd=cwd,
             )  # fmt: skip
             assert result.stderr.splitlines() == [f"privsock: exec: {message}"]
@@ -442,7 +448,7 @@ def test_the_starting_directory_must_be_open_to_the_user(test_policy: Path) -> N
 
 def test_refuses_to_run_unprivileged(test_policy: Path) -> None:
     result = privsock_exec(
-        test_policy, "--user", "privsock", "--listen", "tcp:127.0.0.1:80", "--", "/bin/true",
+        test_policy, "--user", "privsock-demo", "--listen", "tcp:127.0.0.1:80", "--", "/bin/true",
         user="privsock", group="privsock",
     )  # fmt: skip
     assert result.returncode == Exit.NOPERM

@@ -175,7 +175,7 @@ def test_the_server_cannot_inject_into_or_read_the_terminal(
 ) -> None:
     # Raw mode: no echo, and the input queue can be read back exactly.
     term = terminal_factory(
-        [PRIVSOCK, "exec", "--policy", str(test_policy), "--user", "privsock",
+        [PRIVSOCK, "exec", "--policy", str(test_policy), "--user", "privsock-demo",
          "--listen", "udp:127.0.0.1:1022", "--", sys.executable, "-I", "-c", ATTACK],
         raw=True, typed=b"root's typed secret",
     )  # fmt: skip
@@ -221,7 +221,7 @@ def test_ctrl_c_in_make_runs_terminal_stops_the_service_cleanly(
         assert controlling_tty(f.read()) == 0
     assert os.getsid(server) == server
     # The relay holds no privilege either, and is not dumpable (/proc says root).
-    user = pwd.getpwnam("privsock")
+    user = pwd.getpwnam("privsock-demo")
     status = Path(f"/proc/{relay}/status").read_text()
     assert re.search(rf"^Uid:\t{user.pw_uid}\t{user.pw_uid}\t{user.pw_uid}\t", status, re.M)
     assert re.search(r"^CapBnd:\t0000000000000000$", status, re.M)
@@ -240,7 +240,7 @@ def test_a_server_killed_by_a_signal_kills_the_relay_with_it(
     terminal_factory: StartTerminal, test_policy: Path
 ) -> None:
     term = terminal_factory(
-        [PRIVSOCK, "exec", "--policy", str(test_policy), "--user", "privsock",
+        [PRIVSOCK, "exec", "--policy", str(test_policy), "--user", "privsock-demo",
          "--listen", "udp:127.0.0.1:1022", "--", sys.executable, "-I", "-c",
          "import os, signal; print('up', flush=True); os.kill(os.getpid(), signal.SIGUSR1)"],
         raw=False,
@@ -252,7 +252,7 @@ def test_a_server_killed_by_a_signal_kills_the_relay_with_it(
 def test_without_a_terminal_the_server_is_the_launcher_itself(test_policy: Path) -> None:
     # No terminal on stdio, no controlling terminal: nothing to split, exec in place.
     result = subprocess.run(
-        [PRIVSOCK, "exec", "--policy", str(test_policy), "--user", "privsock",
+        [PRIVSOCK, "exec", "--policy", str(test_policy), "--user", "privsock-demo",
          "--listen", "udp:127.0.0.1:1022", "--", sys.executable, "-I", "-c",
          "import os; print(os.getpid(), os.environ['LISTEN_PID'])"],
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,

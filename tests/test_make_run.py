@@ -1,5 +1,5 @@
 """`make run`'s own command (read from the Makefile with `make -n`, so the two
-cannot drift): the echo service on 127.0.0.1:53, UDP and TCP, as the privsock
+cannot drift): the echo service on 127.0.0.1:53, UDP and TCP, as the privsock-demo
 user, with real clients; Ctrl-C stops it cleanly."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .conftest import REPO
 
 pytestmark = pytest.mark.root
 
-USER = pwd.getpwnam("privsock")
+USER = pwd.getpwnam("privsock-demo")
 
 
 def make_run_command() -> list[str]:
@@ -75,8 +75,10 @@ def service(root: None) -> Iterator[subprocess.Popen[bytes]]:
 
 
 def check_banner(banner: str, pid: int) -> None:
-    assert banner.startswith(f"privsock echo: I am pid {pid}, user privsock (uid {USER.pw_uid})")
-    assert f"group privsock (gid {USER.pw_gid})" in banner
+    assert banner.startswith(
+        f"privsock echo: I am pid {pid}, user privsock-demo (uid {USER.pw_uid})"
+    )
+    assert f"group privsock-demo (gid {USER.pw_gid})" in banner
     assert "I hold no privilege: CapEff=0 CapPrm=0 CapBnd=0 NoNewPrivs=1." in banner
 
 
