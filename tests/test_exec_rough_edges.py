@@ -63,7 +63,8 @@ def test_tcp_without_reuseaddr_names_the_option_and_both_fixes(
 ) -> None:
     policy = policy_factory(MINIMAL_TCP)
     result = privsock_exec(
-        policy, "--user", "privsock", "--listen", "tcp:127.0.0.1:8631", "--", "/bin/echo", "RAN"
+        policy, "--user", "privsock-demo", "--listen", "tcp:127.0.0.1:8631",
+        "--", "/bin/echo", "RAN",
     )
     assert result.returncode == Exit.NOPERM and result.stdout == ""
     assert message_lines(result.stderr) == [
@@ -73,13 +74,14 @@ def test_tcp_without_reuseaddr_names_the_option_and_both_fixes(
     ]
     # Both fixes work.
     fixed = privsock_exec(
-        policy, "--user", "privsock", "--no-reuseaddr", "--listen", "tcp:127.0.0.1:8631",
+        policy, "--user", "privsock-demo", "--no-reuseaddr", "--listen", "tcp:127.0.0.1:8631",
         "--", "/bin/echo", "RAN",
     )  # fmt: skip
     assert fixed.returncode == 0 and fixed.stdout == "RAN\n", fixed.stderr
     granted = policy_factory(MINIMAL_TCP + 'options = ["reuseaddr"]\n')
     fixed = privsock_exec(
-        granted, "--user", "privsock", "--listen", "tcp:127.0.0.1:8631", "--", "/bin/echo", "RAN"
+        granted, "--user", "privsock-demo", "--listen", "tcp:127.0.0.1:8631",
+        "--", "/bin/echo", "RAN",
     )
     assert fixed.returncode == 0 and fixed.stdout == "RAN\n", fixed.stderr
 
@@ -106,7 +108,7 @@ def test_more_sockets_than_the_burst_wait_for_tokens_and_say_so(
     # Burst 2 at 20/s: sockets 3 and 4 come about 50 ms apart.
     policy = policy_factory(_slow_policy(burst=2, rate=20.0))
     result = privsock_exec(
-        policy, "--user", "privsock", *_udp(4), "--audit-log", "file:/dev/null",
+        policy, "--user", "privsock-demo", *_udp(4), "--audit-log", "file:/dev/null",
         "--", sys.executable, "-I", "-c", "import os; print(os.environ['LISTEN_FDS'])",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -121,7 +123,7 @@ def test_a_request_that_cannot_fit_is_refused_at_once_and_precisely(
     policy_factory: Callable[[str], Path],
 ) -> None:
     policy = policy_factory(_slow_policy(burst=2, rate=0.25))
-    result = privsock_exec(policy, "--user", "privsock", *_udp(5), "--", "/bin/echo", "RAN")
+    result = privsock_exec(policy, "--user", "privsock-demo", *_udp(5), "--", "/bin/echo", "RAN")
     assert result.returncode == 75 and result.stdout == ""
     assert message_lines(result.stderr) == [
         "privsock: exec: 5 sockets asked for, but the policy's rate limit gives at most 2 at "
@@ -132,13 +134,13 @@ def test_a_request_that_cannot_fit_is_refused_at_once_and_precisely(
     assert "{" not in result.stderr  # refused before any helper started or any request
     # --rate-wait 0: never wait, so anything over the burst is refused.
     result = privsock_exec(
-        policy, "--user", "privsock", "--rate-wait", "0", *_udp(3), "--", "/bin/echo", "RAN"
+        policy, "--user", "privsock-demo", "--rate-wait", "0", *_udp(3), "--", "/bin/echo", "RAN"
     )
     assert result.returncode == 75
     assert "the other 1 need 4.0s of waiting, more than --rate-wait 0s" in result.stderr
     # Within the burst nothing waits.
     result = privsock_exec(
-        policy, "--user", "privsock", "--rate-wait", "0", *_udp(2),
+        policy, "--user", "privsock-demo", "--rate-wait", "0", *_udp(2),
         "--audit-log", "file:/dev/null", "--", "/bin/echo", "RAN",
     )  # fmt: skip
     assert result.returncode == 0 and result.stderr == "", result.stderr
@@ -147,7 +149,7 @@ def test_a_request_that_cannot_fit_is_refused_at_once_and_precisely(
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "3601", "soon"])
 def test_rate_wait_must_be_seconds(policy_factory: Callable[[str], Path], value: str) -> None:
     result = privsock_exec(
-        policy_factory(MINIMAL_TCP), "--user", "privsock", "--rate-wait", value,
+        policy_factory(MINIMAL_TCP), "--user", "privsock-demo", "--rate-wait", value,
         "--listen", "tcp:127.0.0.1:8631", "--", "/bin/true",
     )  # fmt: skip
     assert result.returncode == Exit.USAGE
@@ -196,8 +198,8 @@ def error_paths(
     script.write_text("#!/bin/sh\nexit 0\n")
     script.chmod(0o755)
     listen = ["--listen", "tcp:127.0.0.1:80", "--audit-log", "file:/dev/null"]
-    ex = [PRIVSOCK, "exec", "--user", "privsock"]
-    rn = [PRIVSOCK, "run", "--user", "privsock", "--audit-log", "file:/dev/null"]
+    ex = [PRIVSOCK, "exec", "--user", "privsock-demo"]
+    rn = [PRIVSOCK, "run", "--user", "privsock-demo", "--audit-log", "file:/dev/null"]
     return [
         ("denied", [*ex, "--policy", str(good), "--listen", "tcp:0.0.0.0:22", "--", "true"], 77),
         ("not found", [*ex, "--policy", str(good), *listen, "--", "no-such-cmd-9"], 127),
@@ -212,7 +214,7 @@ def error_paths(
         ("run no policy", [*rn, "--policy", str(tmp_path / "none"), "--", "true"], 66),
         ("run insecure", [*rn, "--policy", str(insecure), "--", "true"], 78),
         ("run not found", [*rn, "--policy", str(good), "--", "no-such-cmd-9"], 127),
-        ("run no connect", [PRIVSOCK, "run", "--user", "privsock",
+        ("run no connect", [PRIVSOCK, "run", "--user", "privsock-demo",
                             "--connect", str(tmp_path / "none.sock"), "--", "true"], 70),
         ("check insecure", [PRIVSOCK, "check-policy", str(insecure)], 78),
         ("check invalid", [PRIVSOCK, "check-policy", str(invalid)], 65),

@@ -86,7 +86,7 @@ def inspect(*args: str) -> subprocess.CompletedProcess[str]:
 def test_a_server_privsock_exec_dropped_is_hardened(test_policy: Path) -> None:
     # exec keeps the pid: the server runs as the exec's own process.
     server = subprocess.Popen(
-        [PRIVSOCK, "exec", "--policy", str(test_policy), "--user", "privsock",
+        [PRIVSOCK, "exec", "--policy", str(test_policy), "--user", "privsock-demo",
          "--listen", "udp:127.0.0.1:1017", "--audit-log", "file:/dev/null",
          "--", sys.executable, "-I", "-c", "import sys; print('up', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

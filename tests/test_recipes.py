@@ -112,10 +112,10 @@ def test_nginx_takes_its_socket_through_NGINX(
     assert "env 'NGINX=3;' nginx -e stderr -c /etc/nginx/privsock.conf" in command
     work = shared / "nginx"
     work.mkdir()
-    shutil.chown(work, "privsock")
+    shutil.chown(work, "privsock-demo")
     conf = work / "privsock.conf"
     conf.write_text(_local(conf_text, work))
-    nginx = serving(*_exec_argv(test_policy, f"tcp:127.0.0.1:{PORT}", "privsock"),
+    nginx = serving(*_exec_argv(test_policy, f"tcp:127.0.0.1:{PORT}", "privsock-demo"),
                     "env", "NGINX=3;", NGINX, "-e", "stderr", "-c", str(conf))  # fmt: skip
     reply = _get(PORT)
     assert reply.startswith(b"HTTP/1.1 200 OK") and reply.endswith(b"hello\n"), reply
@@ -133,10 +133,10 @@ def test_nginx_without_NGINX_cannot_bind(
     _require(NGINX)
     work = shared / "nginx"
     work.mkdir()
-    shutil.chown(work, "privsock")
+    shutil.chown(work, "privsock-demo")
     conf = work / "privsock.conf"
     conf.write_text(_local(_block("nginx"), work))
-    nginx = serving(*_exec_argv(test_policy, f"tcp:127.0.0.1:{PORT}", "privsock"),
+    nginx = serving(*_exec_argv(test_policy, f"tcp:127.0.0.1:{PORT}", "privsock-demo"),
                     NGINX, "-e", "stderr", "-c", str(conf))  # fmt: skip
     _, err = nginx.communicate(timeout=30)
     assert nginx.returncode != 0
