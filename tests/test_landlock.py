@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from privsock.helper import landlock, protocol
+from privsock.helper import landlock, protocol, seccomp_filter
 from privsock.helper.exitcodes import Exit
 
 from .conftest import NO_LANDLOCK_POLICY
@@ -46,7 +46,7 @@ def _sockaddr(family: int, port: int = 0, path: bytes = b"") -> bytes:
     return family.to_bytes(2, "little") + port.to_bytes(2, "big") + bytes(24)  # [::]
 
 
-def inject(pid: int, *commands: str) -> dict[str, int]:
+def inject(pid: int, *commands: str, pass_fds: tuple[int, ...] = ()) -> dict[str, int]:
     """Run gdb commands inside ``pid``; returns every ``printf "NAME=%d\\n"`` value.
     ``$sa`` is 128 zeroed bytes of the helper's own heap, for a socket address."""
     gdb = shutil.which("gdb")
@@ -59,7 +59,8 @@ def inject(pid: int, *commands: str) -> dict[str, int]:
     args = [gdb, "-p", str(pid), "-batch", "-nx"]
     for line in script:
         args += ["-ex", line]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False,
+                         pass_fds=pass_fds)  # fmt: skip
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)=(-?\d+)$", out.stdout, re.M)}
 
 
@@ -145,6 +146,48 @@ def test_injected_abstract_bind_of_the_channel_is_sigsys(raw: HelperChannel) -> 
     )
     assert raw.proc.wait(timeout=10) == -signal.SIGSYS
     assert b"@" + name[1:] not in Path("/proc/net/unix").read_bytes()
+
+
+# Run by gdb's `shell` while the helper is stopped under gdb: the boss sends one
+# message carrying a fresh AF_UNIX socket on the channel (fd argv[1], inherited).
+SEND_A_SOCKET = (
+    "import array, socket, sys; chan = socket.socket(fileno=int(sys.argv[1])); "
+    "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); "
+    "chan.sendmsg([bytes(32)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, "
+    "array.array('i', [s.fileno()]).tobytes())]); chan.detach()"
+)
+
+
+def test_injected_abstract_bind_of_a_socket_the_boss_sent_still_works(raw: HelperChannel) -> None:
+    # The residual SECURITY.md states: a socket the boss passes lands on one of
+    # the fds bind() is allowed on, and Landlock scopes connecting to abstract
+    # sockets, not binding them. The message is sent while gdb holds the helper,
+    # so that the injected recvmsg, not the helper's loop (which closes passed
+    # fds at once), receives it.
+    name = b"\0privsock-passed-%d" % raw.pid
+    address = _sockaddr(AF_UNIX, path=name)[:-1]
+    chan = raw.chan.fileno()
+    got = inject(
+        raw.pid,
+        f'shell {sys.executable} -I -c "{SEND_A_SOCKET}" {chan}',
+        # struct msghdr (56 bytes) with one iovec and a control buffer
+        "set $m = (char *)malloc(56)", "set $iov = (char *)malloc(16)",
+        "set $buf = (char *)malloc(64)", "set $ctl = (char *)malloc(64)",
+        "set $ignored = (void *)memset($m, 0, 56)",
+        "set $ignored = (void *)memset($ctl, 0, 64)",
+        "set *(long *)$iov = (long)$buf", "set *(long *)($iov + 8) = 64",
+        "set *(long *)($m + 16) = (long)$iov", "set *(long *)($m + 24) = 1",
+        "set *(long *)($m + 32) = (long)$ctl", "set *(long *)($m + 40) = 64",
+        "set $n = (long)recvmsg(0, $m, 0)",
+        "set $fd = *(int *)($ctl + 16)",
+        'printf "received=%d\nfd=%d\n", $n, $fd',
+        *_bind("$fd", address, "bound"),
+        pass_fds=(chan,),
+    )
+    assert got["received"] == 32 and got["fd"] in seccomp_filter.BIND_FDS, got
+    assert got["bound"] == 0, got
+    assert b"@" + name[1:] in Path("/proc/net/unix").read_bytes()
+    _alive(raw)
 
 
 def test_injected_af_unix_socket_is_sigsys(raw: HelperChannel) -> None:
