@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from privsock import arguments, detach, dropall
 from privsock.auditsink import AuditLogError, Sink
@@ -182,6 +182,19 @@ def _create(
             raise
 
 
+def _naming(
+    sink: Sink, names: tuple[str, Sequence[str]] | None
+) -> Callable[[dict[str, Any]], None]:
+    """``sink``, with the boss's own lines naming the user and the command."""
+
+    def write(rec: dict[str, Any]) -> None:
+        if names is not None and rec["side"] == "boss":
+            rec = {**rec, "user": names[0], "command": list(names[1])}
+        sink(rec)
+
+    return write
+
+
 def acquire(
     policy: str,
     listens: Sequence[Listen],
@@ -190,10 +203,12 @@ def acquire(
     reuseaddr: bool,
     sink: Sink,
     rate_wait: float = DEFAULT_RATE_WAIT,
+    names: tuple[str, Sequence[str]] | None = None,
 ) -> list[socket.socket]:
     """Steps 1-3: every socket bound (TCP listening), the helper stopped; or
     Refusal, with every socket closed and the helper stopped. Waits up to
-    ``rate_wait`` seconds in all for rate-limit tokens."""
+    ``rate_wait`` seconds in all for rate-limit tokens. ``names`` (user,
+    argv) go into the boss's own audit lines: who the sockets are for."""
     limit = check_rate_limit(policy, len(listens), rate_wait)
     socks: list[socket.socket] = []
     told: list[bool] = []
@@ -207,7 +222,7 @@ def acquire(
                   file=sys.stderr, flush=True)  # fmt: skip
 
     try:
-        with SocketCreator(policy, audit_sink=sink) as creator:
+        with SocketCreator(policy, audit_sink=_naming(sink, names)) as creator:
             deadline = time.monotonic() + rate_wait
             for listen in listens:
                 # SO_REUSEADDR on TCP, as systemd does: a restart need not wait for TIME_WAIT.
@@ -293,8 +308,9 @@ def run(
     dropall.check_privilege()
     with _nothing_started():
         socks = acquire(
-            policy, listens, backlog=backlog, reuseaddr=reuseaddr, sink=sink, rate_wait=rate_wait
-        )
+            policy, listens, backlog=backlog, reuseaddr=reuseaddr, sink=sink,
+            rate_wait=rate_wait, names=(target.user, [path, *command[1:]]),
+        )  # fmt: skip
     sink.close()
     end_spawner_thread()
     sys.stdout.flush()

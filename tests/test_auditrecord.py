@@ -24,6 +24,7 @@ def test_fields_are_the_documented_ones() -> None:
     assert FIELDS == (
         "time", "side", "pid", "id", "op", "transport", "address", "port", "options",
         "decision", "reason", "rule", "errno", "retry_ms", "peer_uid", "peer_pid",
+        "user", "command",
     )  # fmt: skip
 
 
@@ -49,6 +50,8 @@ def test_record_for_a_granted_create() -> None:
         "retry_ms": None,
         "peer_uid": 1001,
         "peer_pid": 77,
+        "user": None,
+        "command": None,
     }
 
 
@@ -73,7 +76,7 @@ def test_record_for_malformed_has_nulls() -> None:
     assert tuple(rec) == FIELDS
     assert rec["id"] == 0
     for key in ("op", "transport", "address", "port", "rule", "errno", "retry_ms", "peer_uid",
-                "peer_pid"):  # fmt: skip
+                "peer_pid", "user", "command"):  # fmt: skip
         assert rec[key] is None, key
     assert rec["options"] == []
     assert rec["reason"] == "request is 5 bytes, not 32"
@@ -107,7 +110,7 @@ def test_encode_is_one_compact_ascii_line_in_field_order() -> None:
         b'{"time":"2026-11-26T20:00:00.500000Z","side":"helper","pid":4242,"id":7,'
         b'"op":"CREATE","transport":"tcp","address":"192.0.2.10","port":443,'
         b'"options":["reuseport"],"decision":"denied","reason":"port","rule":"deny[1]",'
-        b'"errno":null,"retry_ms":null,"peer_uid":null,"peer_pid":null}\n'
+        b'"errno":null,"retry_ms":null,"peer_uid":null,"peer_pid":null,"user":null,"command":null}\n'
     )
     assert tuple(json.loads(line)) == FIELDS
 

@@ -226,6 +226,13 @@ def test_both_sides_log_grants_to_the_audit_file(test_policy: Path, tmp_path: Pa
         if rec["decision"] == "granted"
     )
     assert grants == [("boss", "udp", 1021), ("helper", "udp", 1021)]
+    # The boss's line names whom the socket is for: the user and the command.
+    named = {
+        rec["side"]: (rec["user"], rec["command"])
+        for rec in map(auditrecord.parse, log.read_text().splitlines())
+        if rec["decision"] == "granted"
+    }
+    assert named == {"boss": ("privsock-demo", ["/bin/true"]), "helper": (None, None)}
 
 
 @pytest.fixture

@@ -20,6 +20,8 @@ Fields (always present, in this order; absent values are null):
   peer_uid  helper: the uid of the process on the other end of the channel
             (SO_PEERCRED: the boss that connected, or that made the socketpair)
   peer_pid  helper: that process's pid when it connected; boss lines: null
+  user      boss lines of `privsock exec`: the user the command will run as
+  command   boss lines of `privsock exec`: the command's argv, argv[0] the path found
 
 Pure: building a line does no I/O and opens no file (the helper formats lines
 under seccomp). The time is passed in.
@@ -36,6 +38,7 @@ from privsock.helper.protocol import OPTION_NAMES, Create, Option, Ping, Request
 FIELDS = (
     "time", "side", "pid", "id", "op", "transport", "address", "port", "options",
     "decision", "reason", "rule", "errno", "retry_ms", "peer_uid", "peer_pid",
+    "user", "command",
 )  # fmt: skip
 
 def option_names(options: Option) -> list[str]:
@@ -89,6 +92,8 @@ def record(
         "retry_ms": retry_ms,
         "peer_uid": peer_uid,
         "peer_pid": peer_pid,
+        "user": None,
+        "command": None,
     }
 
 
