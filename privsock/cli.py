@@ -124,7 +124,10 @@ def cmd_exec(args: argparse.Namespace) -> int:
         print(f"privsock: exec: {missing}", file=sys.stderr)
         return Exit.NOINPUT
     try:
-        target = dropall.resolve(args.user, args.group)
+        target = dropall.with_groups(
+            dropall.resolve(args.user, args.group),
+            None if args.groups is None else [g for g in args.groups.split(",") if g],
+        )
         dropall.check_privilege()
         policy = load_policy(args.policy)
         execenv.refuse_helper_identity(target, policy.user, policy.group)
@@ -359,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-env", action="append", default=[], type=_env_name, metavar="KEY",
                    help="pass this variable on from privsock's own environment, if set; "
                    "repeat for more (CMD otherwise gets a clean environment)")  # fmt: skip
+    p.add_argument("--groups", metavar="G1,G2",
+                   help="exactly these supplementary groups ('' for none); default: "
+                   "USER's own from the group database, as systemd's User= gives")  # fmt: skip
     p.add_argument("--chdir", metavar="DIR",
                    help="start CMD in this directory (absolute, open to USER); "
                    "default: the current one, which must be open to USER")  # fmt: skip

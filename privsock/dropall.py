@@ -21,10 +21,12 @@ and checks /proc/self/task/*/status for each.
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import os
 import pwd
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import prctl
@@ -52,6 +54,7 @@ class Target:
     gid: int
     home: str
     shell: str
+    groups: tuple[int, ...] = ()  # supplementary groups
 
 
 def _read_status() -> str:
@@ -81,6 +84,30 @@ def resolve(user: str, group: str | None) -> Target:
     return Target(pw.pw_name, pw.pw_uid, gid, pw.pw_dir, pw.pw_shell)
 
 
+def with_groups(target: Target, groups: Sequence[str] | None) -> Target:
+    """``target`` with supplementary groups: USER's own from the group
+    database (None: what systemd's User= and runuser give), or exactly
+    ``groups`` (names or numbers; empty for none). Refuses unknown groups and
+    root's."""
+    if groups is None:
+        gids = os.getgrouplist(target.user, target.gid)
+    else:
+        gids = []
+        for name in groups:
+            try:
+                gids.append(grp.getgrgid(int(name)).gr_gid if name.isdigit()
+                            else grp.getgrnam(name).gr_gid)  # fmt: skip
+            except (KeyError, OverflowError):
+                raise Refusal(Exit.NOUSER, f"no such group: {name!r}") from None
+    if 0 in gids:
+        raise Refusal(
+            Exit.USAGE,
+            f"refusing to give the command the root group as a supplementary group "
+            f"({target.user} is in it); choose the groups with --groups",
+        )
+    return dataclasses.replace(target, groups=tuple(sorted(set(gids))))
+
+
 def check_privilege(
     not_root: str = "must be started as root: it drops to --user itself",
 ) -> None:
@@ -106,7 +133,7 @@ def _empty_thread_sets() -> None:
 
 def _switch_ids(target: Target) -> None:
     # glibc makes every thread of the process take these (its setxid broadcast).
-    os.setgroups([])
+    os.setgroups(list(target.groups))
     os.setresgid(target.gid, target.gid, target.gid)
     os.setresuid(target.uid, target.uid, target.uid)
 
@@ -222,8 +249,10 @@ def verify(status_text: str, target: Target) -> list[str]:
         problems.append(f"uids are {st.uids}, expected all {target.uid}")
     if set(st.gids) != {target.gid}:
         problems.append(f"gids are {st.gids}, expected all {target.gid}")
-    if st.groups:
-        problems.append(f"supplementary groups remain: {list(st.groups)}")
+    if set(st.groups) != set(target.groups):
+        problems.append(
+            f"supplementary groups are {list(st.groups)}, expected {sorted(target.groups)}"
+        )
     for name in CAP_SETS:
         if st.caps[name]:
             problems.append(

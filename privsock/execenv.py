@@ -108,7 +108,7 @@ def refuse_helper_identity(target: dropall.Target, helper_user: str, helper_grou
             "anything running as it can stall or kill every helper; give the server "
             "a user of its own",
         )
-    if target.gid == gid:
+    if gid is not None and (target.gid == gid or gid in target.groups):
         raise Refusal(
             Exit.USAGE,
             f"refusing to run the command with group {helper_group}, the policy's helper "

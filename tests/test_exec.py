@@ -3,6 +3,7 @@ privsock user with no privilege, and execs a real program on the sockets."""
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import pwd
@@ -143,10 +144,22 @@ def test_child_gets_the_sockets_the_environment_and_no_privilege(test_policy: Pa
     status = seen["status"]
     assert status_field(status, "Uid").split() == [str(USER.pw_uid)] * 4
     assert status_field(status, "Gid").split() == [str(USER.pw_gid)] * 4
-    assert status_field(status, "Groups") == ""
+    # By default USER's own groups from the group database, as systemd's User= gives.
+    assert status_field(status, "Groups").split() == [
+        str(g) for g in sorted(set(os.getgrouplist("privsock-demo", USER.pw_gid)))
+    ]
     for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(status_field(status, name), 16) == 0, name
     assert status_field(status, "NoNewPrivs") == "1"
+
+
+def test_groups_gives_exactly_those_supplementary_groups(test_policy: Path) -> None:
+    nogroup = grp.getgrnam("nogroup").gr_gid
+    for given, expected in [(f"nogroup,{USER.pw_gid}", sorted({nogroup, USER.pw_gid})),
+                            ("", [])]:  # fmt: skip
+        seen = probe(test_policy, "--listen", "udp:127.0.0.1:1015", "--groups", given)
+        assert status_field(seen["status"], "Groups").split() == [str(g) for g in expected]
+        assert status_field(seen["status"], "NoNewPrivs") == "1"
 
 
 def test_default_names_are_transport_dash_port(test_policy: Path) -> None:
@@ -309,6 +322,9 @@ BAD_ARGS: list[tuple[list[str], int, str]] = [
      "the policy's helper user"),
     (["--group", "privsock", *LISTEN], Exit.USAGE,
      "refusing to run the command with group privsock, the policy's helper group"),
+    (["--groups", "nosuchgroup9", *LISTEN], Exit.NOUSER, "no such group: 'nosuchgroup9'"),
+    (["--groups", "root", *LISTEN], Exit.USAGE, "refusing to give the command the root group"),
+    (["--groups", "privsock", *LISTEN], Exit.USAGE, "the policy's helper group"),
     (["--user", "nosuchuser", *LISTEN], Exit.NOUSER, "no such user: 'nosuchuser'"),
     (["--group", "nosuchgroup", *LISTEN], Exit.NOUSER, "no such group: 'nosuchgroup'"),
     (["--user", "root", *LISTEN], Exit.USAGE, "refusing to run the command as root"),
