@@ -30,7 +30,7 @@ from privsock.helperprocess import HELPER_ENV, default_helper_argv
 from privsock.run import kernel
 from privsock.run.supervise import Supervisor
 
-from .conftest import TEST_POLICY
+from .conftest import TEST_POLICY, unavailable
 from .test_exec import PRIVSOCK, message_lines, status_field, wait_listening
 
 pytestmark = pytest.mark.root
@@ -950,9 +950,7 @@ def test_a_static_go_server_is_served(test_policy: Path, shared_dir: Path) -> No
     LD_PRELOAD tools such as authbind cannot serve. CGO_ENABLED=0 makes it static."""
     go = shutil.which("go")
     if go is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("go is missing: scripts/bootstrap --containers installs golang-go")
-        pytest.skip("go is not installed (scripts/bootstrap --containers installs it)")
+        unavailable("go is not installed; `scripts/bootstrap --containers` installs golang-go")
     binary = shared_dir / "run_server"
     env = {**os.environ, "CGO_ENABLED": "0", "GO111MODULE": "off",
            "GOCACHE": str(shared_dir / "gocache"), "GOPATH": str(shared_dir / "gopath")}
@@ -1033,7 +1031,8 @@ def test_a_program_in_its_own_network_namespace_binds_there(test_policy: Path) -
     probe = subprocess.run(["unshare", "-Urn", "true"], user="nobody", capture_output=True,
                            check=False)  # fmt: skip
     if probe.returncode != 0:
-        pytest.skip("unprivileged user namespaces are not available here")
+        unavailable("unprivileged user namespaces are not available here (`unshare -Urn` as "
+                    f"nobody: {probe.stderr.decode(errors='replace').strip()})")
     result = subprocess.run(
         privsock_run(test_policy, "unshare", "-Urn", PY, "-c", NETNS),
         capture_output=True, text=True, timeout=60, check=False,
