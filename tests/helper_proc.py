@@ -4,13 +4,14 @@ fuzzer's and the bench's), and /proc readings."""
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import socket
 import struct
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -111,6 +112,22 @@ class HelperChannel:
         if self.proc.stderr:
             self.proc.stderr.close()
         return code
+
+
+@contextlib.contextmanager
+def running(
+    argv: Sequence[str], *, stdin: int | None = None, stdout: int = subprocess.PIPE
+) -> Iterator[subprocess.Popen[str]]:
+    """``argv`` started (text; stderr on a pipe), killed if it still runs when
+    the block ends, however it ends, and reaped."""
+    proc = subprocess.Popen(list(argv), stdin=stdin, stdout=stdout, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def fd_count(pid: int) -> int:

@@ -31,6 +31,7 @@ from privsock.run import kernel
 from privsock.run.supervise import Supervisor
 
 from .conftest import TEST_POLICY, unavailable
+from .helper_proc import running
 from .test_exec import PRIVSOCK, message_lines, status_field, wait_listening
 
 pytestmark = pytest.mark.root
@@ -325,12 +326,9 @@ def _child_pid(supervisor: int, within: float = 10.0) -> int:
 
 
 def test_http_server_on_port_80_holds_no_privilege(test_policy: Path) -> None:
-    proc = subprocess.Popen(
-        privsock_run(test_policy, PY, "-m", "http.server", "80", "--bind", "127.0.0.1"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        wait_listening(proc, 80)  # type: ignore[arg-type]
+    with running(privsock_run(test_policy, PY, "-m", "http.server", "80", "--bind", "127.0.0.1"),
+                 stdout=subprocess.DEVNULL) as proc:  # fmt: skip
+        wait_listening(proc, 80)
         with urllib.request.urlopen("http://127.0.0.1:80/", timeout=10) as resp:
             assert resp.status == 200
         server = _child_pid(proc.pid)
@@ -349,10 +347,6 @@ def test_http_server_on_port_80_holds_no_privilege(test_policy: Path) -> None:
         assert os.stat(f"/proc/{proc.pid}/mem").st_uid == 0  # non-dumpable: owned by root
         proc.send_signal(signal.SIGTERM)  # forwarded to the server
         assert proc.wait(timeout=15) == 128 + signal.SIGTERM
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 STATIC_UDP = r"""
@@ -391,9 +385,7 @@ def test_a_static_binary_binds_udp_53_and_answers(test_policy: Path, shared_dir:
                    capture_output=True, timeout=120)  # fmt: skip
     ldd = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False)
     assert "not a dynamic executable" in ldd.stdout + ldd.stderr  # no libc, no LD_PRELOAD
-    proc = subprocess.Popen(privsock_run(test_policy, str(binary)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
+    with running(privsock_run(test_policy, str(binary))) as proc:
         assert proc.stdout is not None
         assert proc.stdout.readline() == "bound\n"
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
@@ -401,10 +393,6 @@ def test_a_static_binary_binds_udp_53_and_answers(test_policy: Path, shared_dir:
             c.sendto(b"hello", ("127.0.0.1", 53))
             assert c.recv(100) == b"static:hello"
         assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 PREFORK = textwrap.dedent(r"""
@@ -430,9 +418,7 @@ PREFORK = textwrap.dedent(r"""
 
 
 def test_prefork_workers_share_the_served_socket(test_policy: Path) -> None:
-    proc = subprocess.Popen(privsock_run(test_policy, PY, "-c", PREFORK),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
+    with running(privsock_run(test_policy, PY, "-c", PREFORK)) as proc:
         assert proc.stdout is not None
         assert proc.stdout.readline() == "ready\n"
         answers = set()
@@ -441,10 +427,6 @@ def test_prefork_workers_share_the_served_socket(test_policy: Path) -> None:
                 answers.add(c.makefile().readline().split()[1])
         assert len(answers) == 2  # both workers served
         assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 # ---------------------------------------------------------------------------
@@ -480,35 +462,31 @@ STORM = textwrap.dedent(r"""
 def test_signal_storm_no_eintr_and_every_grant_delivered(test_policy: Path, tmp_path: Path) -> None:
     audit = tmp_path / "audit.log"
     binds = 300
-    proc = subprocess.Popen(privsock_run(test_policy, PY, "-c", STORM, str(binds), audit=audit),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
-    assert proc.stdin is not None and proc.stdout is not None
     stop = threading.Event()
-    try:
-        target = int(proc.stdout.readline())
+    with running(privsock_run(test_policy, PY, "-c", STORM, str(binds), audit=audit),
+                 stdin=subprocess.PIPE) as proc:  # fmt: skip
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            target = int(proc.stdout.readline())
 
-        def storm() -> None:
-            while not stop.is_set():
-                try:
-                    os.kill(target, signal.SIGUSR1)
-                except ProcessLookupError:
-                    return
-                time.sleep(0.0002)
+            def storm() -> None:
+                while not stop.is_set():
+                    try:
+                        os.kill(target, signal.SIGUSR1)
+                    except ProcessLookupError:
+                        return
+                    time.sleep(0.0002)
 
-        thread = threading.Thread(target=storm, daemon=True)
-        thread.start()
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        result = json.loads(proc.stdout.readline())
-        stop.set()
-        thread.join()
-        assert proc.wait(timeout=30) == 0
-    finally:
-        stop.set()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            thread = threading.Thread(target=storm, daemon=True)
+            thread.start()
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            result = json.loads(proc.stdout.readline())
+            stop.set()
+            thread.join()
+            assert proc.wait(timeout=30) == 0
+        finally:
+            stop.set()
     assert result["signals"] >= 50  # the storm did reach it, during the binds
     assert result == {"ok": binds, "eintr": 0, "other": 0, "signals": result["signals"]}
     recs = audit_lines(audit)
@@ -959,9 +937,7 @@ def test_a_static_go_server_is_served(test_policy: Path, shared_dir: Path) -> No
                    capture_output=True, timeout=300, env=env)  # fmt: skip
     ldd = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False)
     assert "not a dynamic executable" in ldd.stdout + ldd.stderr
-    proc = subprocess.Popen(privsock_run(test_policy, str(binary)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
+    with running(privsock_run(test_policy, str(binary))) as proc:
         assert proc.stdout is not None
         # Port 22 is refused in Go's own words.
         assert proc.stdout.readline() == "ready listen tcp 127.0.0.1:22: bind: permission denied\n"
@@ -972,10 +948,6 @@ def test_a_static_go_server_is_served(test_policy: Path, shared_dir: Path) -> No
         with socket.create_connection(("127.0.0.1", 80), timeout=10) as c:
             assert c.makefile().readline() == "go-tcp\n"
         assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 DAEMON = textwrap.dedent(r"""
