@@ -32,7 +32,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from run import bench_policy  # bench/run.py, next to this file
+from run import bench_policy  # bench/run.py, next to this file: puts the checkout on sys.path
+
+from tests.helper_proc import stop
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -116,15 +118,6 @@ def start(kind: str, policy: Path, work: Path) -> subprocess.Popen[bytes]:
         conf = nginx_conf(prefix, port)
         return subprocess.Popen([*exec_, "env", "NGINX=3;", *nginx_argv(prefix, conf)], **quiet)
     return subprocess.Popen([*exec_, PROXYD, f"127.0.0.1:{PORT['root']}"], **quiet)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def rss_kib(pid: int) -> int:

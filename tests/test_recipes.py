@@ -19,7 +19,7 @@ import pytest
 from privsock.helper.procstatus import parse_status
 
 from .conftest import REPO
-from .helper_proc import proc_status
+from .helper_proc import proc_status, stop
 
 RECIPES = REPO / "docs" / "recipes.md"
 PRIVSOCK = str(Path(sys.executable).with_name("privsock"))
@@ -84,12 +84,7 @@ def serving() -> Iterator[Callable[..., subprocess.Popen[str]]]:
 
     yield start
     for proc in procs:
-        proc.terminate()
-        try:
-            proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        stop(proc)
 
 
 def _unprivileged(pid: int) -> None:
