@@ -230,22 +230,29 @@ def systemd_container() -> Iterator[tuple[Podman, str]]:
         _installed(rootfs / "etc/systemd/system")
         (rootfs / "opt").mkdir()
         (rootfs / "opt/boss.py").write_text(BOSS)
-        name, cmd, env = runner.command(
-            rootfs, ["--detach", "--privileged", "--systemd=always", "--network=none"],
-            ["/usr/lib/systemd/systemd"],
-        )  # fmt: skip
-        subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=True)
-        deadline = time.monotonic() + 60
-        while _in(runner, name, "systemctl", "is-system-running").strip() not in (
-            "running", "degraded",
-        ):  # fmt: skip
-            assert time.monotonic() < deadline, "systemd did not finish booting"
-            time.sleep(0.2)
-        _in(runner, name, "systemctl", "start", "privsock-helper.socket", check=True)
+        name = _boot_with_the_socket_unit(runner, rootfs)
         yield runner, name
     finally:
         runner.cleanup()
         shutil.rmtree(rootfs, ignore_errors=True)
+
+
+def _boot_with_the_socket_unit(runner: Podman, rootfs: Path) -> str:
+    """Boot systemd in a container on ``rootfs`` (no network), wait until it is
+    up and start privsock-helper.socket; the container's name."""
+    name, cmd, env = runner.command(
+        rootfs, ["--detach", "--privileged", "--systemd=always", "--network=none"],
+        ["/usr/lib/systemd/systemd"],
+    )  # fmt: skip
+    subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=True)
+    deadline = time.monotonic() + 60
+    while _in(runner, name, "systemctl", "is-system-running").strip() not in (
+        "running", "degraded",
+    ):  # fmt: skip
+        assert time.monotonic() < deadline, "systemd did not finish booting"
+        time.sleep(0.2)
+    _in(runner, name, "systemctl", "start", "privsock-helper.socket", check=True)
+    return name
 
 
 def _in(runner: Podman, name: str, *argv: str, check: bool = False) -> str:

@@ -21,7 +21,7 @@ import pytest
 
 from .conftest import REPO
 from .containers.harness import PODMAN, Podman, build_rootfs, require_tools
-from .test_deploy import SOCKET_PATH, _in, _installed
+from .test_deploy import SOCKET_PATH, _boot_with_the_socket_unit, _in, _installed
 
 pytestmark = [pytest.mark.containers, pytest.mark.slow]
 
@@ -153,18 +153,7 @@ def shared() -> Iterator[Shared]:
         for script, text in (("ask", ASK), ("hold", HOLD), ("flood", FLOOD),
                              ("reconnect", RECONNECT), ("noise", NOISE)):  # fmt: skip
             (rootfs / f"opt/{script}.py").write_text(text)
-        name, cmd, env = runner.command(
-            rootfs, ["--detach", "--privileged", "--systemd=always", "--network=none"],
-            ["/usr/lib/systemd/systemd"],
-        )  # fmt: skip
-        subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=True)
-        deadline = time.monotonic() + 60
-        while _in(runner, name, "systemctl", "is-system-running").strip() not in (
-            "running", "degraded",
-        ):  # fmt: skip
-            assert time.monotonic() < deadline, "systemd did not finish booting"
-            time.sleep(0.2)
-        _in(runner, name, "systemctl", "start", "privsock-helper.socket", check=True)
+        name = _boot_with_the_socket_unit(runner, rootfs)
         yield Shared(runner, name)
     finally:
         runner.cleanup()
