@@ -19,6 +19,12 @@ from privsock.helper import auditrecord, protocol
 from privsock.helper.protocol import REPLY_SIZE
 from privsock.helperprocess import HELPER_ENV, default_helper_argv
 
+# A helper that binds in a network namespace of its own, with only loopback up,
+# cannot be failed by a port that another test's server left in TIME_WAIT
+# (127.0.0.1:80, 0.0.0.0:80). `unshare` and `sh` exec into the helper: its pid
+# and parent stay the caller's.
+FRESH_NETNS = ["unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+
 
 class HelperChannel:
     """A helper process (or any program that speaks the protocol on fd 0) on a

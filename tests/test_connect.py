@@ -22,13 +22,9 @@ from privsock.client import SocketCreator
 from privsock.errors import HelperDied, HelperStartError, PolicyDenied
 from privsock.helperprocess import HELPER_ENV, default_helper_argv
 
+from .helper_proc import FRESH_NETNS
+
 pytestmark = pytest.mark.root
-
-
-# Each helper binds in a network namespace of its own with only loopback up, so a
-# port that another test's server left in TIME_WAIT (127.0.0.1:80) cannot fail
-# its bind. `unshare` and `sh` exec into the helper: its pid and parent stay ours.
-FRESH_NETNS = ["unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
 
 
 class Acceptor:

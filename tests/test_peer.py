@@ -26,6 +26,7 @@ from privsock.helper.protocol import Create, Option, Reason, Transport
 from privsock.helperprocess import HELPER_ENV, default_helper_argv
 from privsock.policyview import describe, explain, peer_of
 
+from .helper_proc import FRESH_NETNS
 from .test_cli import privsock
 
 NONE = Option(0)
@@ -321,7 +322,7 @@ def _serve_one(policy: Path, conn: socket.socket) -> subprocess.Popen[bytes]:
     """What systemd does for an Accept=yes socket: the connection as fd 0."""
     with conn:
         return subprocess.Popen(
-            [*default_helper_argv(), "--policy", str(policy)],
+            [*FRESH_NETNS, *default_helper_argv(), "--policy", str(policy)],
             stdin=conn, stderr=subprocess.PIPE, env=HELPER_ENV,
         )  # fmt: skip
 
