@@ -34,6 +34,7 @@ from privsock.errors import (
     FdNotReceived,
     HelperDied,
     HelperStartError,
+    HelperUnreachable,
     InvalidArgument,
     MalformedRequest,
     PolicyDenied,
@@ -128,7 +129,7 @@ class SocketCreator:
         except HelperDied as exc:
             self.process.reap()
             if self.connect_path is not None:
-                raise HelperStartError(
+                raise HelperUnreachable(
                     None, f"the helper behind {self.connect_path} closed the connection "
                     "before answering (see its journal: journalctl -u 'privsock-helper@*')",
                 ) from None  # fmt: skip

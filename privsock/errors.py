@@ -100,6 +100,11 @@ class HelperStartError(HelperDied):
         self.args = (f"privsock helper did not start{status}" + (f": {detail}" if detail else ""),)
 
 
+class HelperUnreachable(HelperStartError):
+    """A socket-activated helper (SocketCreator(connect=)) could not be
+    reached or hung up before answering: the service is unavailable."""
+
+
 class HelperRestartLimit(HelperDied):
     """The helper kept dying; the boss stopped restarting it."""
 

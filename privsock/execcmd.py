@@ -38,6 +38,7 @@ from privsock.errors import (
     CreatorError,
     CreatorOSError,
     HelperStartError,
+    HelperUnreachable,
     PolicyDenied,
     RateLimited,
 )
@@ -117,9 +118,18 @@ def _exit_code(exc: CreatorError) -> Exit:
         return Exit.TEMPFAIL
     if isinstance(exc, CreatorOSError):
         return Exit.UNAVAILABLE
+    if isinstance(exc, HelperUnreachable):
+        return Exit.UNAVAILABLE
     if isinstance(exc, HelperStartError) and exc.returncode in HELPER_EXITS:
         return Exit(exc.returncode)
     return Exit.SOFTWARE
+
+
+def start_refusal(exc: HelperStartError) -> Refusal:
+    """The helper did not start or could not be reached: its exit code (69 for
+    a socket-activated helper that is not there), and "helper did not start
+    (exit N): its own words", said once."""
+    return Refusal(_exit_code(exc), str(exc).removeprefix("privsock "))
 
 
 def check_rate_limit(policy: str, count: int, rate_wait: float) -> RateLimit | None:
@@ -241,8 +251,7 @@ def acquire(
         for sock in socks:
             sock.close()
         if isinstance(exc, HelperStartError):
-            # "helper did not start (exit N): its own words", said once.
-            raise Refusal(_exit_code(exc), str(exc).removeprefix("privsock ")) from None
+            raise start_refusal(exc) from None
         if isinstance(exc, CreatorError):
             raise Refusal(_exit_code(exc), str(exc)) from None
         if isinstance(exc, AuditLogError):  # no grant goes unlogged

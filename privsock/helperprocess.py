@@ -34,6 +34,7 @@ from privsock.errors import (
     HelperDied,
     HelperRestartLimit,
     HelperStartError,
+    HelperUnreachable,
 )
 from privsock.helper import auditrecord
 
@@ -168,7 +169,7 @@ class HelperProcess:
             chan.connect(path)
         except OSError as exc:
             chan.close()
-            raise HelperStartError(None, f"cannot connect to {path}: {exc.strerror}") from None
+            raise HelperUnreachable(None, f"cannot connect to {path}: {exc.strerror}") from None
         self.chan = chan
         _LIVE.add(self)
         return chan

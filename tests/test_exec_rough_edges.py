@@ -215,7 +215,7 @@ def error_paths(
         ("run insecure", [*rn, "--policy", str(insecure), "--", "true"], 78),
         ("run not found", [*rn, "--policy", str(good), "--", "no-such-cmd-9"], 127),
         ("run no connect", [PRIVSOCK, "run", "--user", "privsock-demo",
-                            "--connect", str(tmp_path / "none.sock"), "--", "true"], 70),
+                            "--connect", str(tmp_path / "none.sock"), "--", "true"], 69),
         ("check insecure", [PRIVSOCK, "check-policy", str(insecure)], 78),
         ("check invalid", [PRIVSOCK, "check-policy", str(invalid)], 65),
         ("check missing", [PRIVSOCK, "check-policy", str(tmp_path / "none")], 66),

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from privsock.client import SocketCreator
+from privsock.execenv import SAFE_PATH
 from privsock.helper import auditrecord
 from privsock.helperprocess import HELPER_ENV, default_helper_argv
 from privsock.run import kernel
@@ -638,8 +639,22 @@ def test_exit_status_and_missing_command(test_policy: Path) -> None:
                             capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert result.returncode == 127
     assert message_lines(result.stderr) == [
-        "privsock: run: command not found: 'no-such-command-xyz' "
-        "(PATH=/usr/local/bin:/usr/bin:/bin)"
+        f"privsock: run: command not found: 'no-such-command-xyz' (searched PATH {SAFE_PATH})"
+    ]
+
+
+def test_a_command_root_can_run_but_the_user_cannot_is_refused_by_its_path(
+    test_policy: Path, shared_dir: Path
+) -> None:
+    script = shared_dir / "root-only"
+    script.write_text("#!/bin/sh\necho STARTED\n")
+    script.chmod(0o700)
+    result = subprocess.run(privsock_run(test_policy, str(script)),
+                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 126
+    assert "STARTED" not in result.stdout
+    assert message_lines(result.stderr) == [
+        f"privsock: run: {script}: not executable by nobody"
     ]
 
 
@@ -671,7 +686,7 @@ def test_the_environment_is_clean(test_policy: Path) -> None:
     env = json.loads(result.stdout)
     assert "SECRET_TOKEN" not in env
     assert env["USER"] == "nobody" and env["HOME"] == NOBODY.pw_dir
-    assert env["PATH"] == "/usr/local/bin:/usr/bin:/bin"
+    assert env["PATH"] == SAFE_PATH
     assert (env["TERM"], env["LC_ALL"]) == ("xterm", "C.UTF-8")
 
 
@@ -720,6 +735,19 @@ def test_connect_as_root_without_user_is_refused(activated_helper: Path) -> None
     assert result.returncode == 64
     assert message_lines(result.stderr) == [
         "privsock: run: refusing to run the command as root: give --user"
+    ]
+
+
+def test_connect_to_a_missing_socket_is_an_unavailable_service(shared_dir: Path) -> None:
+    missing = shared_dir / "no-helper.sock"
+    result = subprocess.run(
+        [PRIVSOCK, "run", "--connect", str(missing), "--", "true"],
+        capture_output=True, text=True, timeout=60, check=False, user="nobody", group="nogroup",
+    )  # fmt: skip
+    assert result.returncode == 69, result.stderr
+    assert message_lines(result.stderr) == [
+        f"privsock: run: helper did not start: cannot connect to {missing}: "
+        "No such file or directory"
     ]
 
 

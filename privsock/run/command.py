@@ -25,11 +25,11 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from privsock import dropall
+from privsock import dropall, execcmd, execenv
 from privsock.auditsink import Sink
 from privsock.client import SocketCreator
 from privsock.errors import HelperStartError
-from privsock.helper.exitcodes import HELPER_EXITS, Exit, Refusal
+from privsock.helper.exitcodes import Exit, Refusal
 from privsock.run import bindreq, kernel, launch
 from privsock.run.supervise import Supervisor
 
@@ -37,7 +37,6 @@ FORWARDED = (
     signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1,
     signal.SIGUSR2, signal.SIGWINCH,
 )  # fmt: skip
-SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,17 +52,15 @@ def _say(line: str) -> None:
     print(f"privsock: run: {line}", file=sys.stderr, flush=True)
 
 
-def clean_env(target: dropall.Target) -> dict[str, str]:
-    """What CMD gets when root starts it: a fixed PATH, the target user's
-    identity, and the terminal and locale settings; nothing else of root's."""
-    env = {
-        "PATH": SAFE_PATH, "HOME": target.home, "USER": target.user,
-        "LOGNAME": target.user, "SHELL": "/bin/sh",
-    }  # fmt: skip
-    for key, value in os.environ.items():
-        if key in ("TERM", "LANG") or key.startswith("LC_"):
-            env[key] = value
-    return env
+def environment(target: dropall.Target | None) -> dict[str, str]:
+    """CMD's environment. Root start: what ``privsock exec`` gives a server
+    (privsock.execenv: the safe PATH, the target user's identity, TERM, LANG
+    and LC_*; nothing else of root's). User start (--connect): the caller's
+    own environment, unchanged: the caller and CMD are the same user, so there
+    is nothing of a more privileged caller to keep from it."""
+    if target is None:
+        return dict(os.environ)
+    return execenv.clean_environment(target, os.environ)
 
 
 def unprivileged_port_start() -> int:
@@ -250,10 +247,8 @@ def run(opts: RunOptions, sink: Sink | None) -> int:
         raise Refusal(Exit.UNAVAILABLE, f"this kernel cannot run it: {exc}") from None
     root_start = opts.policy is not None
     if root_start:
-        if os.geteuid() != 0:
-            raise Refusal(Exit.NOPERM, "--policy starts the helper and needs root; "
-                           "as an ordinary user, use --connect PATH")  # fmt: skip
-        dropall.check_privilege("privsock run --policy")
+        dropall.check_privilege("--policy starts the helper and needs root; "
+                                "as an ordinary user, use --connect PATH")  # fmt: skip
     elif opts.target is None and os.geteuid() == 0:
         raise Refusal(Exit.USAGE, "refusing to run the command as root: give --user")
     # Orphans of CMD come to us, so that daemonizing programs stay served.
@@ -262,11 +257,9 @@ def run(opts: RunOptions, sink: Sink | None) -> int:
     try:
         creator.start()
     except HelperStartError as exc:
-        code = Exit(exc.returncode) if exc.returncode in HELPER_EXITS else Exit.SOFTWARE
-        # "helper did not start (exit N): its own words", said once.
-        raise Refusal(code or Exit.SOFTWARE, str(exc).removeprefix("privsock ")) from None
+        raise execcmd.start_refusal(exc) from None
     try:
-        env = clean_env(opts.target) if opts.target is not None else dict(os.environ)
+        env = environment(opts.target)
         terminal = Terminal()
         try:
             launched = launch.spawn(arch, opts.command, env, opts.target, terminal.child)

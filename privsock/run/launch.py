@@ -15,9 +15,10 @@ The child, between fork and exec, in this order:
    failing with ENOSYS, so the program should end with it;
 4. the filter, whose listener fd goes to the supervisor over a private
    socketpair and is then closed here: the program never holds it;
-5. exec, with the command looked up as USER. An exec failure is reported to
-   the supervisor over the same socketpair (close-on-exec: EOF means the
-   exec succeeded).
+5. exec, with the command looked up as USER (privsock.execenv.lookup, as
+   ``privsock exec`` does: 127 not found, 126 cannot be run, the path named).
+   An exec failure is reported to the supervisor over the same socketpair
+   (close-on-exec: EOF means the exec succeeded).
 """
 
 from __future__ import annotations
@@ -25,14 +26,13 @@ from __future__ import annotations
 import array
 import errno
 import os
-import shutil
 import signal
 import socket
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from privsock import dropall
+from privsock import dropall, execenv
 from privsock.helper.exitcodes import Exit, Refusal
 from privsock.run import kernel
 
@@ -88,17 +88,17 @@ def _child(
     # Python ignores these two, and an ignored signal stays ignored across exec.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-    found = shutil.which(command[0], path=path) if "/" not in command[0] else command[0]
-    if found is None:
-        _report(chan, Exit.NOT_FOUND, f"command not found: {command[0]!r} (PATH={path})")
-        os._exit(Exit.NOT_FOUND)
+    # Looked up here, as USER already: the answer is the one the exec gets
+    # (127 not found, 126 cannot be run, the path tried named; a Refusal
+    # reaches the supervisor through spawn()).
+    who = target.user if target is not None else "this user"
+    found = execenv.lookup(command[0], path, who)
     try:
         os.execve(found, list(command), dict(env))  # noqa: S606 (argv as given, no shell)
     except OSError as exc:
-        code = Exit.NOT_FOUND if isinstance(exc, FileNotFoundError) else Exit.CANNOT_EXECUTE
-        who = target.user if target is not None else "this user"
-        _report(chan, code, f"cannot run {found!r} as {who}: {exc.strerror}")
-        os._exit(code)
+        refusal = execenv.unexecutable(exc, found, who)
+        _report(chan, refusal.exit_code, str(refusal))
+        os._exit(refusal.exit_code)
 
 
 def spawn(
