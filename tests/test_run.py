@@ -4,6 +4,7 @@ ports itself, through its own bind() call, and holds no privilege at all."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import pty
@@ -24,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from privsock.auditsink import AuditLogError
 from privsock.client import SocketCreator
 from privsock.execenv import SAFE_PATH
 from privsock.helper import auditrecord
@@ -860,6 +862,53 @@ def test_a_stale_notification_is_dropped_before_the_helper_is_asked(test_policy:
         os.close(listener)
         decoy.kill()
         decoy.wait()
+
+
+def test_an_audit_log_failure_refuses_the_bind_and_the_supervisor_goes_on(
+    test_policy: Path,
+) -> None:
+    """The grant of a bind cannot be logged (the sink fails on CREATE): the
+    socket is not handed out, the bind gets EACCES, the supervisor says one
+    line and keeps serving."""
+    arch = kernel.arch()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the caller)
+        try:
+            kernel.prctl(kernel.PR_SET_NO_NEW_PRIVS, 1)
+            listener = kernel.install_filter(arch)
+            socket.send_fds(theirs, [b"L"], [listener])
+            os.close(listener)
+            try:
+                socket.socket().bind(("127.0.0.1", 80))
+                theirs.send(b"0")
+            except OSError as exc:
+                theirs.send(str(exc.errno).encode())
+        finally:
+            os._exit(0)
+    theirs.close()
+    _, (listener,), _, _ = socket.recv_fds(ours, 1, 1)
+
+    def sink(record: dict[str, Any]) -> None:
+        if record["op"] == "CREATE":
+            raise AuditLogError("audit log file:/x: No space left on device", 69)
+
+    said: list[str] = []
+    try:
+        with SocketCreator(str(test_policy), audit_sink=sink) as creator:
+            sup = Supervisor(listener=listener, arch=arch, creator=creator,
+                             audit_sink=sink, log=said.append)  # fmt: skip
+            sup.handle(kernel.recv(listener))
+        ours.settimeout(30)
+        assert ours.recv(16) == str(errno.EACCES).encode()
+        assert (sup.counters.refused, sup.counters.delivered) == (1, 0)
+        assert [line.split(": ", 1)[1] for line in said] == [
+            "bind(127.0.0.1:80) refused: audit log file:/x: No space left on device"
+        ]
+    finally:
+        os.close(listener)
+        ours.close()
+        os.waitpid(pid, 0)
 
 
 FLIP = textwrap.dedent(r"""

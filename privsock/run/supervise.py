@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from privsock.auditsink import AuditLogError
 from privsock.client import SocketCreator
 from privsock.errors import CreatorError, CreatorOSError, PolicyDenied, RateLimited
 from privsock.helper import auditrecord
@@ -204,6 +205,13 @@ class Supervisor:
             return
         except CreatorError as exc:
             self._refuse(n.id, tgid, what, f"helper: {exc}", transport=tr)
+            return
+        except AuditLogError as exc:
+            # The grant could not be logged, so it was not handed out; the sink
+            # is what failed, so this refusal is said here and not audited.
+            self.counters.refused += 1
+            self.log(f"pid {tgid}: bind({what}) refused: {exc}")
+            self._send(n.id, error=-errno.EACCES)
             return
         with new:
             sockopts.copy(theirs, new)
