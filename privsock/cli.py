@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import NoReturn, TypeVar
 
 from privsock import __version__, auditsink, dropall, execcmd, execenv, inspection
 from privsock.helper import landlock
@@ -59,38 +59,26 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}\n{self.format_usage().rstrip()}")
 
 
+T = TypeVar("T")
+
+
+def _checked(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type from a parser whose ValueError says what is wrong."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
 def _pid(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a process id")
     return int(text)
-
-
-def _listen(text: str) -> execcmd.Listen:
-    try:
-        return execcmd.parse_listen(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _name(text: str) -> str:
-    try:
-        return execcmd.check_name(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _setenv(text: str) -> tuple[str, str]:
-    try:
-        return execenv.parse_setenv(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _env_name(text: str) -> str:
-    try:
-        return execenv.check_env_name(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _backlog(text: str) -> int:
@@ -107,6 +95,18 @@ def _seconds(text: str) -> float:
     if not 0 <= value <= 3600:  # also refuses nan
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds in 0-3600")
     return value
+
+
+def _not_started(command: str, exc: Refusal | auditsink.AuditLogError) -> int:
+    """A refusal before anything started: one line and its exit code; a bad
+    --audit-log value is a usage error (exit 64, with the usage line)."""
+    if isinstance(exc, Refusal):
+        print(f"privsock: {command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if exc.exit_code == Exit.USAGE:
+        raise UsageError(f"{command}: {exc}") from None
+    print(f"privsock: {command}: {exc}; nothing was started", file=sys.stderr)
+    return exc.exit_code
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -138,14 +138,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
             target, args.command, search_path=env["PATH"], chdir=args.chdir
         )
         sink = auditsink.open_sink(args.audit_log)
-    except Refusal as exc:
-        print(f"privsock: exec: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except auditsink.AuditLogError as exc:
-        if exc.exit_code != Exit.USAGE:
-            print(f"privsock: exec: {exc}; nothing was started", file=sys.stderr)
-            return exc.exit_code
-        raise UsageError(f"exec: {exc}") from None
+    except (Refusal, auditsink.AuditLogError) as exc:
+        return _not_started("exec", exc)
     # A signal while the helper runs: close and reap it (the exec resets handlers).
     shutdown_on_signals()
     try:
@@ -161,13 +155,6 @@ def cmd_exec(args: argparse.Namespace) -> int:
         sink.close()
 
 
-def _allow(text: str) -> bindreq.AllowSpec:
-    try:
-        return bindreq.parse_allow(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     if (args.policy is None) == (args.connect is None):
         raise UsageError("run: give either --policy FILE (started as root) or --connect PATH")
@@ -180,14 +167,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         target = dropall.resolve(args.user, args.group) if args.user is not None else None
         sink = auditsink.open_sink(args.audit_log)
-    except Refusal as exc:
-        print(f"privsock: run: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except auditsink.AuditLogError as exc:
-        if exc.exit_code != Exit.USAGE:
-            print(f"privsock: run: {exc}; nothing was started", file=sys.stderr)
-            return exc.exit_code
-        raise UsageError(f"run: {exc}") from None
+    except (Refusal, auditsink.AuditLogError) as exc:
+        return _not_started("run", exc)
     opts = runcmd.RunOptions(
         command=args.command, policy=args.policy, connect=args.connect, target=target,
         allow=tuple(args.allow),
@@ -340,14 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the helper's policy file (default {DEFAULT_POLICY})")  # fmt: skip
     p.add_argument("--user", required=True, help="run CMD as this user (name or uid)")
     p.add_argument("--group", help="and this group (default: USER's primary group)")
-    p.add_argument("--listen", action="append", required=True, type=_listen, metavar="SPEC",
+    p.add_argument("--listen", action="append", required=True, metavar="SPEC",
+                   type=_checked(execcmd.parse_listen),
                    help="udp:127.0.0.1:53, tcp:[::]:80, ... (numeric addresses only); "
                    "repeat for more sockets")  # fmt: skip
     p.add_argument(
         "--name",
         action="append",
         default=[],
-        type=_name,
+        type=_checked(execcmd.check_name),
         help="LISTEN_FDNAMES entry, one per --listen (default tcp-80 style)",
     )
     p.add_argument("--backlog", type=_backlog, default=128, help="listen() backlog (128)")
@@ -357,9 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not ask for SO_REUSEADDR on TCP sockets",
     )
-    p.add_argument("--setenv", action="append", default=[], type=_setenv, metavar="KEY=VALUE",
+    p.add_argument("--setenv", action="append", default=[], metavar="KEY=VALUE",
+                   type=_checked(execenv.parse_setenv),
                    help="set this variable for CMD; repeat for more")  # fmt: skip
-    p.add_argument("--keep-env", action="append", default=[], type=_env_name, metavar="KEY",
+    p.add_argument("--keep-env", action="append", default=[], metavar="KEY",
+                   type=_checked(execenv.check_env_name),
                    help="pass this variable on from privsock's own environment, if set; "
                    "repeat for more (CMD otherwise gets a clean environment)")  # fmt: skip
     p.add_argument("--groups", metavar="G1,G2",
@@ -396,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect", metavar="PATH", help="use the socket-activated helper at PATH")
     p.add_argument("--user", help="run CMD (and the supervisor) as this user")
     p.add_argument("--group", help="and this group (default: USER's primary group)")
-    p.add_argument("--allow", action="append", default=[], type=_allow, metavar="SPEC",
+    p.add_argument("--allow", action="append", default=[], metavar="SPEC",
+                   type=_checked(bindreq.parse_allow),
                    help="serve only these binds in this run: tcp:80, udp:[::]:53, "
                    "tcp:127.0.0.1:443 (repeat; default: whatever the policy grants)")  # fmt: skip
     p.add_argument(
