@@ -12,6 +12,7 @@ import pwd
 import secrets
 import socket
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -289,6 +290,23 @@ def test_read_peer_on_a_socketpair_is_the_process_that_made_it() -> None:
         assert (got.uid, got.gid, got.pid) == (os.getuid(), os.getgid(), os.getpid())
         assert got.groups == frozenset(os.getgroups())
         assert not peercred.accepted(b)
+
+
+def test_a_peer_in_more_groups_than_fit_has_unknown_groups(root: None) -> None:
+    # 300 supplementary groups do not fit CPython's 1024-byte getsockopt: the
+    # kernel answers ERANGE, and the peer's groups must be unknown (None, on
+    # which decide() fails closed), never an empty set that a deny rule for
+    # one of those groups would let through.
+    script = (
+        "import os, socket\n"
+        "from privsock.helper import peercred\n"
+        "os.setgroups(range(40000, 40300))\n"
+        "a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+        "print(peercred.read_peer(b).groups)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert (done.returncode, done.stdout, done.stderr) == (0, "None\n", "")
 
 
 def _abstract_name() -> str:
