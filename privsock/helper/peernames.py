@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import grp
 import pwd
+from collections.abc import Callable
 
 from privsock.helper.policy import Policy, Rule
 from privsock.helper.policyparse import PolicyError
@@ -26,20 +27,20 @@ def resolve(policy: Policy, source: str) -> Policy:
 
 
 def _rule(rule: Rule, source: str) -> Rule:
-    uids = []
-    for i, name in enumerate(rule.users):
+    uids = _ids(rule.users, lambda n: pwd.getpwnam(n).pw_uid, "user", rule, source)
+    gids = _ids(rule.groups, lambda n: grp.getgrnam(n).gr_gid, "group", rule, source)
+    return dataclasses.replace(rule, uids=uids, gids=gids)
+
+
+def _ids(
+    names: tuple[str, ...], look_up: Callable[[str], int], what: str, rule: Rule, source: str
+) -> frozenset[int]:
+    ids: set[int] = set()
+    for i, name in enumerate(names):
         try:
-            uids.append(pwd.getpwnam(name).pw_uid)
+            ids.add(look_up(name))
         except KeyError:
             raise PolicyError(
-                source, f"{rule.name}.users[{i}]", f'no user "{name}" on this system'
+                source, f"{rule.name}.{what}s[{i}]", f'no {what} "{name}" on this system'
             ) from None
-    gids = []
-    for i, name in enumerate(rule.groups):
-        try:
-            gids.append(grp.getgrnam(name).gr_gid)
-        except KeyError:
-            raise PolicyError(
-                source, f"{rule.name}.groups[{i}]", f'no group "{name}" on this system'
-            ) from None
-    return dataclasses.replace(rule, uids=frozenset(uids), gids=frozenset(gids))
+    return frozenset(ids)

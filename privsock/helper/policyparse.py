@@ -220,11 +220,7 @@ def _policy(document: dict[str, object]) -> Policy:
 def _connections(table: dict[str, object]) -> Connections:
     if "per_user" not in table:
         raise _Invalid("connections.per_user", "missing: [connections] needs it")
-    per_user = table["per_user"]
-    if type(per_user) is not int:
-        raise _Invalid("connections.per_user", f"must be an integer, not {_kind(per_user)}")
-    if not 1 <= per_user <= _MAX_PER_USER:
-        raise _Invalid("connections.per_user", f"{per_user} is outside 1-{_MAX_PER_USER}")
+    per_user = _count(table["per_user"], "connections.per_user", _MAX_PER_USER)
     lock_dir = table.get("lock_dir", _DEFAULT_LOCK_DIR)
     if not isinstance(lock_dir, str):
         raise _Invalid("connections.lock_dir", f"must be a string, not {_kind(lock_dir)}")
@@ -283,11 +279,14 @@ def _rate(limits: dict[str, object]) -> float:
 
 
 def _burst(limits: dict[str, object]) -> int:
-    value = limits.get("burst", _DEFAULT_BURST)
+    return _count(limits.get("burst", _DEFAULT_BURST), "rate_limit.burst", _MAX_BURST)
+
+
+def _count(value: object, key: str, most: int) -> int:
     if type(value) is not int:
-        raise _Invalid("rate_limit.burst", f"must be an integer, not {_kind(value)}")
-    if not 1 <= value <= _MAX_BURST:
-        raise _Invalid("rate_limit.burst", f"{value} is outside 1-{_MAX_BURST}")
+        raise _Invalid(key, f"must be an integer, not {_kind(value)}")
+    if not 1 <= value <= most:
+        raise _Invalid(key, f"{value} is outside 1-{most}")
     return value
 
 
