@@ -1098,6 +1098,11 @@ def test_ctrl_c_on_the_terminal_stops_the_program(test_policy: Path) -> None:
     argv = privsock_run(test_policy, PY, "-c", script)
     pid, master = pty.fork()
     if pid == 0:  # pragma: no cover (the child: privsock run on a terminal of its own)
+        # As a shell starts a foreground job: a suite run in the background
+        # (`make test &`) has SIGINT and SIGQUIT ignored, and an ignored signal
+        # stays ignored across exec, down to the program, which Ctrl-C then misses.
+        for sig in (signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
         os.execv(argv[0], argv)
     seen = b""
     deadline = time.monotonic() + 60
