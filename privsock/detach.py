@@ -182,15 +182,15 @@ def _copy_until_exit(pid: int, pidfd: int, outputs: dict[int, int]) -> int:
                 for r in list(outputs):
                     if r in sel.get_map():
                         os.set_blocking(r, False)
-                        while _pass_on(r, outputs[r], dead):
+                        while pass_on(r, outputs[r], dead):
                             pass
                 return status
-            if not _pass_on(key.fd, outputs[key.fd], dead):
+            if not pass_on(key.fd, outputs[key.fd], dead):
                 sel.unregister(key.fd)
                 os.close(key.fd)
 
 
-def _pass_on(r: int, out: int, dead: set[int]) -> bool:
+def pass_on(r: int, out: int, dead: set[int]) -> bool:
     """One read from pipe ``r``, all of it written to ``out``. False at end of
     file, or when a non-blocking pipe is empty."""
     try:

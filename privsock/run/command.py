@@ -25,7 +25,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from privsock import dropall, execcmd, execenv
+from privsock import detach, dropall, execcmd, execenv
 from privsock.auditsink import Sink
 from privsock.client import SocketCreator
 from privsock.errors import HelperStartError
@@ -95,6 +95,7 @@ class Terminal:
     def __init__(self) -> None:
         self.child: dict[int, int] = {}  # the program's fd -> what it gets
         self.relays: dict[int, int] = {}  # pipe read end -> our fd it goes to
+        self.dead: set[int] = set()  # our fds that failed: what was meant for them is dropped
         if _isatty(0):
             self.child[0] = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         for fd in (1, 2):
@@ -110,20 +111,14 @@ class Terminal:
         self.child.clear()
 
     def copy(self, r: int) -> bool:
-        """Pass on what the program wrote; False at its end."""
-        try:
-            data = os.read(r, 65536)
-        except BlockingIOError:
+        """Pass on what the program wrote (privsock.detach.pass_on: all of it,
+        and a terminal that is gone is drained into nothing, so the program
+        never blocks); False at its end, with the pipe closed."""
+        if detach.pass_on(r, self.relays[r], self.dead):
             return True
-        if not data:
-            os.close(r)
-            del self.relays[r]
-            return False
-        try:
-            os.write(self.relays[r], data)
-        except OSError:
-            pass  # the terminal is gone; keep draining so the program never blocks
-        return True
+        os.close(r)
+        del self.relays[r]
+        return False
 
     def drain(self) -> None:
         """At the end: what is left in the pipes, without waiting for writers
@@ -131,11 +126,7 @@ class Terminal:
         for r in list(self.relays):
             os.set_blocking(r, False)
             while r in self.relays and self.copy(r):
-                try:
-                    if not select.select([r], [], [], 0)[0]:
-                        break
-                except OSError:
-                    break
+                pass
         for r in list(self.relays):
             os.close(r)
         self.relays.clear()
