@@ -6,8 +6,36 @@ import errno as errno_mod
 import os
 import signal
 
-from privsock.helper.exitcodes import DESCRIPTIONS, HELPER_EXITS, Exit
+from privsock.helper.exitcodes import Exit
 from privsock.helper.protocol import Reason, Stage
+
+# What each code privsock-helper exits with means, for the lines the CLI and the
+# library print (the helper itself prints its own reason, never these).
+DESCRIPTIONS: dict[Exit, str] = {
+    Exit.OK: "clean exit (the boss closed the channel)",
+    Exit.USAGE: "bad command line",
+    Exit.DATAERR: "the policy file is invalid",
+    Exit.NOINPUT: "the policy file cannot be read",
+    Exit.NOUSER: "a user or group the policy names does not exist",
+    Exit.SOFTWARE: "unexpected internal error while serving",
+    Exit.OSERR: "a hardening step failed or could not be verified",
+    Exit.NOLANDLOCK: (
+        "the policy requires Landlock (require_landlock, the default) and the kernel "
+        "offers none"
+    ),
+    Exit.TEMPFAIL: (
+        "a shared helper's peer already holds all its connections ([connections] per_user)"
+    ),
+    Exit.PROTOCOL: "fd 0 is not a SOCK_SEQPACKET socket",
+    Exit.NOPERM: "missing privilege: run as root or give CAP_NET_BIND_SERVICE",
+    Exit.CONFIG: (
+        "configuration: the policy file is insecure (owner or permissions), names root, "
+        "or the helper was started as another user than the policy's"
+    ),
+}
+# The codes privsock-helper itself exits with (each has its line above); the
+# others are the CLI's.
+HELPER_EXITS = frozenset(DESCRIPTIONS)
 
 
 class CreatorError(Exception):

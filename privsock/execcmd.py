@@ -35,6 +35,7 @@ from privsock import arguments, detach, dropall
 from privsock.auditsink import AuditLogError, Sink
 from privsock.client import SocketCreator
 from privsock.errors import (
+    HELPER_EXITS,
     CreatorError,
     CreatorOSError,
     HelperStartError,
@@ -44,7 +45,7 @@ from privsock.errors import (
 )
 from privsock.execenv import unexecutable
 from privsock.helper import protocol
-from privsock.helper.exitcodes import HELPER_EXITS, Exit, Refusal
+from privsock.helper.exitcodes import Exit, Refusal
 from privsock.helper.policy import RateLimit
 from privsock.helper.policy_file import load_policy
 from privsock.helper.protocol import Reason, Transport

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from privsock.client import SocketCreator
-from privsock.helper.exitcodes import DESCRIPTIONS, Exit
+from privsock.errors import DESCRIPTIONS
+from privsock.helper.exitcodes import Exit
 
 from .conftest import DEFAULT_POLICY, REPO
 

@@ -30,37 +30,6 @@ class Exit(enum.IntEnum):
     INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C
 
 
-# The codes privsock-helper itself exits with; the others are the CLI's.
-HELPER_EXITS = frozenset({
-    Exit.OK, Exit.USAGE, Exit.DATAERR, Exit.NOINPUT, Exit.NOUSER, Exit.SOFTWARE, Exit.OSERR,
-    Exit.NOLANDLOCK, Exit.TEMPFAIL, Exit.PROTOCOL, Exit.NOPERM, Exit.CONFIG,
-})  # fmt: skip
-
-DESCRIPTIONS: dict[Exit, str] = {
-    Exit.OK: "clean exit (the boss closed the channel)",
-    Exit.USAGE: "bad command line",
-    Exit.DATAERR: "the policy file is invalid",
-    Exit.NOINPUT: "the policy file cannot be read",
-    Exit.NOUSER: "a user or group the policy names does not exist",
-    Exit.SOFTWARE: "unexpected internal error while serving",
-    Exit.OSERR: "a hardening step failed or could not be verified",
-    Exit.NOLANDLOCK: (
-        "the policy requires Landlock (require_landlock, the default) and the kernel "
-        "offers none"
-    ),
-    Exit.TEMPFAIL: (
-        "a shared helper's peer already holds all its connections ([connections] per_user)"
-    ),
-    Exit.PROTOCOL: "fd 0 is not a SOCK_SEQPACKET socket",
-    Exit.NOPERM: "missing privilege: run as root or give CAP_NET_BIND_SERVICE",
-    Exit.CONFIG: (
-        "configuration: the policy file is insecure (owner or permissions), names root, "
-        "or the helper was started as another user than the policy's"
-    ),
-}
-assert set(DESCRIPTIONS) == HELPER_EXITS
-
-
 class Refusal(Exception):
     """Ends start-up, a policy check or ``privsock exec`` with one line
     (``str(e)``) and an exit code."""
