@@ -32,8 +32,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from run import bench_policy  # bench/run.py, next to this file: puts the checkout on sys.path
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout
 
+from bench.fixtures import bench_policy
 from tests.helper_proc import stop
 
 BENCH = Path(__file__).resolve().parent

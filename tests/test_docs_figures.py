@@ -62,7 +62,7 @@ def test_systemd_exposure_score_is_the_tools() -> None:
 
 def test_one_bench_policy() -> None:
     assert sorted(p.name for p in (REPO / "bench").glob("*.toml")) == []
-    run = (REPO / "bench" / "run.py").read_text()
+    run = (REPO / "bench" / "plan.py").read_text()
     assert 'POLICY_SOURCE = REPO / "policy" / "examples" / "bench.toml"' in run
     assert "`policy/examples/bench.toml`" in (REPO / "bench" / "README.md").read_text()
 

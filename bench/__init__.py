@@ -1,0 +1,2 @@
+"""privsock benchmarks (bench/run.py is the entry point): plan, fixtures,
+roundtrip, startup, report; one job per module."""
