@@ -6,13 +6,24 @@ import datetime as dt
 import ipaddress
 import json
 import re
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from privsock.helper.auditrecord import FIELDS, encode, option_names, parse, record, rfc3339
+from privsock.helper.auditrecord import (
+    FIELDS,
+    address_text,
+    encode,
+    line,
+    option_names,
+    parse,
+    record,
+    rfc3339,
+)  # fmt: skip
 from privsock.helper.protocol import Create, Option, Ping, Transport
+from tests import legacy_helper
 
 V4 = ipaddress.IPv4Address("192.0.2.10")
 V6 = ipaddress.IPv6Address("2001:db8::1")
@@ -250,3 +261,102 @@ def test_rfc3339_agrees_with_datetime(now: float) -> None:
 )
 def test_option_names(options: Option, names: list[str]) -> None:
     assert option_names(options) == names
+
+
+# ---------------------------------------------------------------------------
+# line(): the helper's template, byte-identical to encode(record(...))
+
+# Addresses where inet_ntop and ipaddress could disagree are drawn often: the
+# ::/80 block (IPv4-compatible and -mapped forms) and runs of zero hextets.
+_v6_tails = st.binary(min_size=6, max_size=6).map(lambda tail: bytes(10) + tail)
+_v6_sparse = st.lists(st.sampled_from([0, 0, 0, 1, 0xFFFF, 0x1234]), min_size=8, max_size=8).map(
+    lambda words: b"".join(w.to_bytes(2, "big") for w in words)
+)
+addresses = st.one_of(
+    st.ip_addresses(),
+    st.one_of(_v6_tails, _v6_sparse).map(ipaddress.IPv6Address),
+    st.just(ipaddress.IPv6Address("::ffff:0.0.0.0")),
+)
+requests = st.one_of(
+    st.none(),
+    st.builds(Ping, st.integers(0, 0xFFFFFFFF)),
+    addresses.flatmap(
+        lambda a: st.builds(
+            Create,
+            st.integers(0, 0xFFFFFFFF),
+            st.sampled_from(Transport),
+            st.just(a),
+            st.integers(1, 0xFFFF),
+            st.sampled_from([Option(v) for v in range(8) if a.version == 6 or not v & 4]),
+        )
+    ),
+)
+_maybe_int = st.none() | st.integers(0, 2**64)
+_maybe_text = st.none() | st.text() | st.text(alphabet=st.characters(max_codepoint=0x7F))
+
+
+@given(
+    now=st.floats(min_value=0.0, max_value=4102444800.0),
+    side=st.sampled_from(["helper", "boss"]) | st.text(),
+    pid=st.integers(0, 2**32),
+    request_id=st.integers(0, 0xFFFFFFFF),
+    request=requests,
+    decision=st.text(),
+    reason=_maybe_text,
+    rule=_maybe_text,
+    errno=_maybe_int,
+    retry_ms=_maybe_int,
+    peer_uid=_maybe_int,
+    peer_pid=_maybe_int,
+)
+def test_line_is_encode_of_record_byte_for_byte(**kw: Any) -> None:
+    got = line(**kw)
+    assert got == encode(record(**kw))
+    assert got == legacy_helper.encode(legacy_helper.record(**kw))
+    assert got.isascii() and got.count(b"\n") == 1 and got.endswith(b"\n")
+    rec = json.loads(got)
+    assert tuple(rec) == FIELDS
+    for key, field in (("side", "side"), ("pid", "pid"), ("request_id", "id"),
+                       ("decision", "decision"), ("reason", "reason"), ("rule", "rule"),
+                       ("errno", "errno"), ("retry_ms", "retry_ms"), ("peer_uid", "peer_uid"),
+                       ("peer_pid", "peer_pid")):  # fmt: skip
+        assert rec[field] == kw[key], field
+    if isinstance(kw["request"], Create):
+        assert ipaddress.ip_address(rec["address"]) == kw["request"].address
+
+
+@given(addresses)
+def test_address_text_is_str(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    assert address_text(address) == str(address)
+
+
+def test_address_text_keeps_a_scope() -> None:
+    scoped = ipaddress.IPv6Address("fe80::1%eth0")
+    assert address_text(scoped) == str(scoped) == "fe80::1%eth0"
+
+
+@pytest.mark.parametrize(
+    "char",
+    [
+        chr(c)
+        for c in (
+            *range(0x21),
+            0x22,
+            0x5C,
+            0x7E,
+            0x7F,
+            0x80,
+            0x2028,
+            0xD800,
+            0xFFFF,
+            0x10000,
+            0x10FFFF,
+        )
+    ],
+)
+def test_line_escapes_each_special_character_as_json_does(char: str) -> None:
+    got = line(now=NOW, side="helper", pid=1, request_id=1, request=None, decision="malformed",
+               reason=f"a{char}b")  # fmt: skip
+    assert got == encode(record(now=NOW, side="helper", pid=1, request_id=1, request=None,
+                                decision="malformed", reason=f"a{char}b"))  # fmt: skip
+    assert json.loads(got)["reason"] == f"a{char}b"

@@ -102,8 +102,12 @@ def _warm_up(policy: Policy) -> None:
     for reply in (protocol.ok(1), protocol.denied(1, protocol.Reason.PORT),
                   protocol.rate_limited(1, 5), protocol.os_error(1, 98, protocol.Stage.BIND)):
         protocol.encode_reply(reply)  # fmt: skip
-    auditrecord.encode(auditrecord.record(now=time.time(), side="helper", pid=0, request_id=1,
-                              request=req, decision="granted", peer_uid=1, peer_pid=1))  # fmt: skip
+    # A malformed request's reason quotes what the boss sent: every escape path.
+    for audited in (req, protocol.Create(1, protocol.Transport.UDP,
+                                         ipaddress.IPv6Address("::ffff:127.0.0.1"), 53)):
+        auditrecord.line(now=time.time(), side="helper", pid=0, request_id=1, request=audited,
+                         decision="granted", reason="\"\\\n\x7f\xe9\U0001f600", peer_uid=1,
+                         peer_pid=1)  # fmt: skip
     time.monotonic()
 
 

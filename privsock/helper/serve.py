@@ -129,13 +129,13 @@ class Session:
         self.granted: tuple[Create, str] | None = None
 
     def _audit(self, request_id: int, req: Request | None, decision: str, **kw: object) -> None:
-        rec = auditrecord.record(
+        line = auditrecord.line(
             now=self.wallclock(), side="helper", pid=self.pid, request_id=request_id,
             request=req, decision=decision, **kw,  # type: ignore[arg-type]
             peer_uid=self.peer.uid if self.peer else None,
             peer_pid=self.peer.pid if self.peer else None,
         )  # fmt: skip
-        self.log(auditrecord.encode(rec))
+        self.log(line)
 
     def handle(self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int) -> tuple[
         Reply, socket.socket | None
