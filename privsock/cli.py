@@ -8,6 +8,9 @@
     privsock exec [--policy FILE] --user USER --listen tcp:0.0.0.0:80 ... -- CMD ARGS
                                  bind through the helper, drop to USER with no
                                  privilege, exec CMD with the sockets (LISTEN_FDS)
+    privsock exec --connect PATH --listen tcp:0.0.0.0:80 ... -- CMD ARGS
+                                 the same as an ordinary user, through the shared
+                                 socket-activated helper at PATH: no root anywhere
     privsock run --policy FILE --user USER -- CMD ARGS
     privsock run --connect PATH -- CMD ARGS
                                  run CMD as USER with no privilege; its own bind()
@@ -109,6 +112,26 @@ def _not_started(command: str, exc: Refusal | auditsink.AuditLogError) -> int:
     return exc.exit_code
 
 
+def _exec_target(args: argparse.Namespace) -> dropall.Target:
+    """Who CMD runs as: the caller itself with --connect (which takes no
+    identity options: the shared helper grants by the caller's own uid),
+    else --user, --group and --groups."""
+    if args.connect is None:
+        if args.user is None:
+            raise UsageError("exec: give --user USER (as root), or --connect PATH (as the user "
+                             "who runs the command)")  # fmt: skip
+        groups = None if args.groups is None else [g for g in args.groups.split(",") if g]
+        return dropall.with_groups(dropall.resolve(args.user, args.group), groups)
+    for option, value in (("--user", args.user), ("--group", args.group),
+                          ("--groups", args.groups), ("--policy", args.policy)):  # fmt: skip
+        if value is not None:
+            raise UsageError(
+                f"exec: {option} cannot be combined with --connect: the command runs as the "
+                "caller, and the shared helper's own policy decides by the caller's uid"
+            )
+    return dropall.caller()
+
+
 def cmd_exec(args: argparse.Namespace) -> int:
     listens: list[execcmd.Listen] = args.listen
     if args.name and len(args.name) != len(listens):
@@ -119,23 +142,26 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if len(set(listens)) != len(listens):
         raise UsageError("exec: the same --listen is given twice")
     names = args.name or [listen.default_name for listen in listens]
-    missing = _missing_policy(args.policy)
+    stay = args.connect is not None
+    policy_path = None if stay else args.policy or DEFAULT_POLICY
+    try:
+        target = _exec_target(args)
+    except Refusal as exc:
+        return _not_started("exec", exc)
+    missing = None if policy_path is None else _missing_policy(policy_path)
     if missing is not None:
         print(f"privsock: exec: {missing}", file=sys.stderr)
         return Exit.NOINPUT
     try:
-        target = dropall.with_groups(
-            dropall.resolve(args.user, args.group),
-            None if args.groups is None else [g for g in args.groups.split(",") if g],
-        )
-        dropall.check_privilege()
-        policy = load_policy(args.policy)
-        execenv.refuse_helper_identity(target, policy.user, policy.group)
+        if policy_path is not None:
+            dropall.check_privilege()
+            policy = load_policy(policy_path)
+            execenv.refuse_helper_identity(target, policy.user, policy.group)
         env = execenv.clean_environment(
             target, os.environ, keep=args.keep_env, setenv=args.setenv
         )
         path = execenv.find_command(
-            target, args.command, search_path=env["PATH"], chdir=args.chdir
+            target, args.command, search_path=env["PATH"], chdir=args.chdir, stay=stay
         )
         sink = auditsink.open_sink(args.audit_log)
     except (Refusal, auditsink.AuditLogError) as exc:
@@ -144,9 +170,10 @@ def cmd_exec(args: argparse.Namespace) -> int:
     shutdown_on_signals()
     try:
         execcmd.run(
-            policy=args.policy, target=target, listens=listens, names=names, path=path,
+            policy=policy_path, target=target, listens=listens, names=names, path=path,
             command=args.command, env=env, chdir=args.chdir, backlog=args.backlog,
             reuseaddr=args.reuseaddr, sink=sink, rate_wait=args.rate_wait,
+            connect=args.connect,
         )  # fmt: skip
     except Refusal as exc:
         print(f"privsock: exec: {exc}", file=sys.stderr)
@@ -315,11 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
         "exec", help="bind sockets through the helper, then run CMD on them as USER",
         description="Get each --listen socket from the helper, listen() on the TCP ones, "
         "stop the helper, drop to USER with no capabilities and no_new_privs, and exec CMD "
-        "with the sockets at fd 3 onwards (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES).",
+        "with the sockets at fd 3 onwards (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES). With "
+        "--connect PATH, as an ordinary user: the sockets come from the shared "
+        "socket-activated helper at PATH, and CMD runs as the caller.",
     )  # fmt: skip
-    p.add_argument("--policy", default=DEFAULT_POLICY, metavar="FILE",
+    p.add_argument("--policy", metavar="FILE",
                    help=f"the helper's policy file (default {DEFAULT_POLICY})")  # fmt: skip
-    p.add_argument("--user", required=True, help="run CMD as this user (name or uid)")
+    p.add_argument("--connect", metavar="PATH",
+                   help="as an ordinary user: get the sockets from the socket-activated "
+                   "helper at PATH and run CMD as yourself (no --user, --group, --groups, "
+                   "--policy)")  # fmt: skip
+    p.add_argument("--user", help="run CMD as this user (name or uid); needed without --connect")
     p.add_argument("--group", help="and this group (default: USER's primary group)")
     p.add_argument("--listen", action="append", required=True, metavar="SPEC",
                    type=_checked(execcmd.parse_listen),

@@ -71,15 +71,27 @@ def _threads_left(within: float = 2.0) -> int:
     return threads
 
 
-def leave_terminal(target: dropall.Target, *, server_fds: Sequence[int]) -> None:
+def _become(target: dropall.Target, stay: bool) -> None:
+    """dropall.drop(target); or, for a caller that already is target
+    (``privsock exec --connect``), dropall.seal(target)."""
+    if stay:
+        dropall.seal(target)
+    else:
+        dropall.drop(target)
+
+
+def leave_terminal(
+    target: dropall.Target, *, server_fds: Sequence[int], stay: bool = False
+) -> None:
     """Become ``target`` with no terminal, ready to exec a server that gets
-    ``server_fds``. Without a terminal: dropall.drop(target) and return. With
+    ``server_fds`` (``stay``: this process already runs as target, and only
+    sheds what it may hold, dropall.seal). Without a terminal: drop and return. With
     one: return in a new process that has left it (new session, no terminal on
     stdio, dropped, dies with SIGTERM if the relay dies); this process becomes
     the relay and never returns, except by raising Refusal after killing the
     server process if its own drop fails."""
     if not has_terminal():
-        dropall.drop(target)
+        _become(target, stay)
         return
     threads = _threads_left()
     if threads != 1:
@@ -95,9 +107,9 @@ def leave_terminal(target: dropall.Target, *, server_fds: Sequence[int]) -> None
     relay_pid = os.getpid()
     pid = os.fork()
     if pid == 0:
-        _become_server(target, relayed, old_mask, relay_pid)
+        _become_server(target, relayed, old_mask, relay_pid, stay)
         return
-    _relay(target, pid, relayed, server_fds, old_mask)
+    _relay(target, pid, relayed, server_fds, old_mask, stay)
 
 
 def _become_server(
@@ -105,6 +117,7 @@ def _become_server(
     relayed: dict[int, tuple[int, int]],
     old_mask: set[int | signal.Signals],
     relay_pid: int,
+    stay: bool,
 ) -> None:
     for sig in FORWARDED:
         signal.signal(sig, signal.SIG_DFL)
@@ -118,7 +131,7 @@ def _become_server(
         os.dup2(w, fd)
         os.close(r)
         os.close(w)
-    dropall.drop(target)
+    _become(target, stay)
     # After the uid change, which clears it; then make sure the relay did not
     # die before it was set.
     prctl.set_pdeathsig(signal.SIGTERM)
@@ -132,6 +145,7 @@ def _relay(
     relayed: dict[int, tuple[int, int]],
     server_fds: Sequence[int],
     old_mask: set[int | signal.Signals],
+    stay: bool,
 ) -> None:
     pidfd = os.pidfd_open(pid)
 
@@ -156,7 +170,7 @@ def _relay(
     for _, w in relayed.values():
         os.close(w)
     try:
-        dropall.drop(target)
+        _become(target, stay)
         prctl.set_dumpable(False)  # after the uid change, which may reset it
     except Refusal:
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)

@@ -164,6 +164,46 @@ def drop(target: Target) -> None:
         )  # fmt: skip
 
 
+def caller() -> Target:
+    """The calling user, as ``privsock exec --connect`` runs the command: its
+    real uid and gid and its current supplementary groups. Refuses root (any
+    of the real, effective or saved uids 0): that caller drops with --user."""
+    if 0 in os.getresuid():
+        raise Refusal(
+            Exit.USAGE,
+            "refusing to run the command as root: --connect runs it as the caller, with "
+            "no drop; as root, give --user USER (and --policy FILE) instead",
+        )
+    uid = os.getuid()
+    try:
+        pw = pwd.getpwuid(uid)
+    except KeyError:
+        raise Refusal(Exit.NOUSER, f"uid {uid} has no entry in the user database") from None
+    return Target(pw.pw_name, uid, os.getgid(), pw.pw_dir, pw.pw_shell,
+                  tuple(sorted(set(os.getgroups()))))  # fmt: skip
+
+
+def seal(target: Target) -> None:
+    """For a caller that already is ``target`` (``caller()``): no uid change,
+    so nothing here needs privilege. Empty the inheritable, ambient, permitted
+    and effective sets (lowering them is always allowed) and set no_new_privs,
+    then verify. The bounding set stays as the caller had it: emptying it
+    needs CAP_SETPCAP, and with no_new_privs no exec can gain a capability
+    from it (no set-uid, no file capabilities). Covers the calling thread."""
+    try:
+        raw_prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+        prctl.cap_inheritable.limit()
+        _seal_thread()
+    except (OSError, ValueError) as exc:
+        raise Refusal(Exit.OSERR, f"shedding privilege as {target.user} failed: {exc}") from None
+    problems = verify(_read_status(), target, bounding=False)
+    if problems:
+        raise Refusal(
+            Exit.OSERR, "privilege shedding not verified, not running the command: "
+            + "; ".join(problems),
+        )  # fmt: skip
+
+
 def _threads() -> dict[int, str]:
     """tid -> name of every thread of this process: Python's name for a
     Python thread, the kernel's (comm) for any other."""
@@ -237,9 +277,10 @@ def drop_privileges(user: str | int, group: str | int | None = None) -> Target:
     return target
 
 
-def verify(status_text: str, target: Target) -> list[str]:
+def verify(status_text: str, target: Target, *, bounding: bool = True) -> list[str]:
     """Every way a /proc status differs from "target's ids, nothing else";
-    empty means dropped."""
+    empty means dropped. ``bounding=False``: the bounding set is not judged
+    (seal(): an unprivileged caller cannot empty it)."""
     try:
         st = parse_status(status_text)
     except StatusFormatError as exc:
@@ -254,7 +295,7 @@ def verify(status_text: str, target: Target) -> list[str]:
             f"supplementary groups are {list(st.groups)}, expected {sorted(target.groups)}"
         )
     for name in CAP_SETS:
-        if st.caps[name]:
+        if st.caps[name] and (bounding or name != "CapBnd"):
             problems.append(
                 f"{name} is {st.caps[name]:016x} ({','.join(cap_names(st.caps[name]))})"
             )

@@ -15,6 +15,15 @@ The steps, in this order, each failing closed:
 5. exec CMD with the sockets at fds 3, 4, ... in --listen order, LISTEN_FDS,
    LISTEN_PID (the server's pid: exec keeps it), LISTEN_FDNAMES; stdio
    unchanged unless it was a terminal, every other fd closed.
+
+With ``--connect PATH`` the caller is an ordinary user and the helper is the
+shared, socket-activated one (deploy/systemd), which reads the caller's uid
+with SO_PEERCRED and applies the policy's rules for that user. Nothing needs
+root: the same steps, except that step 1 connects instead of starting a
+helper, and step 4 keeps the caller's uid, gid and groups and only sheds what
+it may hold (dropall.seal: no capability in the inheritable, ambient,
+permitted or effective sets, no_new_privs). A root caller is refused
+(dropall.caller): the command would run as root.
 """
 
 from __future__ import annotations
@@ -207,7 +216,7 @@ def _naming(
 
 
 def acquire(
-    policy: str,
+    policy: str | None,
     listens: Sequence[Listen],
     *,
     backlog: int,
@@ -215,12 +224,15 @@ def acquire(
     sink: Sink,
     rate_wait: float = DEFAULT_RATE_WAIT,
     names: tuple[str, Sequence[str]] | None = None,
+    connect: str | None = None,
 ) -> list[socket.socket]:
     """Steps 1-3: every socket bound (TCP listening), the helper stopped; or
     Refusal, with every socket closed and the helper stopped. Waits up to
     ``rate_wait`` seconds in all for rate-limit tokens. ``names`` (user,
-    argv) go into the boss's own audit lines: who the sockets are for."""
-    limit = check_rate_limit(policy, len(listens), rate_wait)
+    argv) go into the boss's own audit lines: who the sockets are for.
+    ``connect``: ask the socket-activated helper at that path (``policy`` is
+    None: the policy is the helper's, and need not be readable here)."""
+    limit = check_rate_limit(policy, len(listens), rate_wait) if policy is not None else None
     socks: list[socket.socket] = []
     told: list[bool] = []
 
@@ -233,7 +245,7 @@ def acquire(
                   file=sys.stderr, flush=True)  # fmt: skip
 
     try:
-        with SocketCreator(policy, audit_sink=_naming(sink, names)) as creator:
+        with SocketCreator(policy, connect=connect, audit_sink=_naming(sink, names)) as creator:
             deadline = time.monotonic() + rate_wait
             for listen in listens:
                 # SO_REUSEADDR on TCP, as systemd does: a restart need not wait for TIME_WAIT.
@@ -299,7 +311,7 @@ def _nothing_started() -> Iterator[None]:
 
 def run(
     *,
-    policy: str,
+    policy: str | None,
     target: dropall.Target,
     listens: Sequence[Listen],
     names: Sequence[str],
@@ -311,22 +323,33 @@ def run(
     reuseaddr: bool,
     sink: Sink,
     rate_wait: float = DEFAULT_RATE_WAIT,
+    connect: str | None = None,
 ) -> NoReturn:
     """Steps 1-5 for ``command``, already found at ``path`` by
     execenv.find_command, with the environment ``env`` (plus LISTEN_*), in
-    ``chdir`` (or the current directory). Returns only by raising Refusal."""
-    dropall.check_privilege()
+    ``chdir`` (or the current directory). ``connect``: through the shared
+    helper at that path, as the caller (``target`` is dropall.caller()).
+    Returns only by raising Refusal."""
+    stay = connect is not None
+    if stay:
+        if dropall.caller() != target:
+            raise Refusal(Exit.SOFTWARE, f"--connect runs the command as the caller, "
+                          f"not as {target.user}")  # fmt: skip
+    else:
+        dropall.check_privilege()
     with _nothing_started():
         socks = acquire(
             policy, listens, backlog=backlog, reuseaddr=reuseaddr, sink=sink,
-            rate_wait=rate_wait, names=(target.user, [path, *command[1:]]),
+            rate_wait=rate_wait, names=(target.user, [path, *command[1:]]), connect=connect,
         )  # fmt: skip
     sink.close()
     end_spawner_thread()
     sys.stdout.flush()
     sys.stderr.flush()
     n = place_fds(socks)
-    detach.leave_terminal(target, server_fds=range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + n))
+    detach.leave_terminal(
+        target, server_fds=range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + n), stay=stay
+    )
     with _nothing_started():
         if chdir is not None:
             try:

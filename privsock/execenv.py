@@ -200,13 +200,19 @@ def check_directory(user: str, chdir: str | None) -> None:
 
 
 def find_command(
-    target: dropall.Target, argv: Sequence[str], *, search_path: str, chdir: str | None = None
+    target: dropall.Target,
+    argv: Sequence[str],
+    *,
+    search_path: str,
+    chdir: str | None = None,
+    stay: bool = False,
 ) -> str:
     """Resolve ``argv[0]`` with ``search_path`` and check it, and the starting
     directory (``chdir`` or the current one), as ``target`` would: in a child
-    that drops to ``target`` first. Returns the command's absolute path, or
-    raises Refusal (127 not found, 126 cannot be run, 66 directory). Run as
-    root, before any socket is taken."""
+    that drops to ``target`` first (``stay``: this process already runs as
+    target, and the child only sheds what it may hold, dropall.seal). Returns
+    the command's absolute path, or raises Refusal (127 not found, 126 cannot
+    be run, 66 directory). Run before any socket is taken."""
     if not argv:
         raise Refusal(Exit.USAGE, "no command given (put it after --)")
     rfd, wfd = os.pipe()
@@ -215,7 +221,10 @@ def find_command(
         os.close(rfd)
         code, message = 0, ""
         try:
-            dropall.drop(target)
+            if stay:
+                dropall.seal(target)
+            else:
+                dropall.drop(target)
             check_directory(target.user, chdir)
             message = lookup(argv[0], search_path, target.user)
         except Refusal as exc:

@@ -1,0 +1,218 @@
+"""`privsock exec --connect PATH`: an ordinary user starts an unmodified
+server on a privileged port through a socket-activated helper, with no root
+anywhere in its chain. The helper here is started per connection by
+systemd-socket-activate, as systemd's Accept=yes socket would
+(test_shared_helper.py has the same under a real systemd with several users).
+
+The refusals of the command line need no helper and no root."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from privsock.helper import auditrecord
+from privsock.helperprocess import HELPER_ENV, default_helper_argv
+
+from .conftest import TEST_POLICY
+from .test_exec import PRIVSOCK, PROBE, message_lines, status_field
+from .test_run import shared_dir  # noqa: F401 (a fixture)
+
+NOBODY = {"user": "nobody", "group": "nogroup", "extra_groups": []}
+LISTEN = ("--listen", "tcp:127.0.0.1:80")
+# With ambient CAP_NET_BIND_SERVICE, as a service with AmbientCapabilities= has it.
+WITH_AMBIENT_CAP = [
+    "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+    "--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service", "--",
+]  # fmt: skip
+
+
+@contextmanager
+def socket_activated(policy: Path, folder: Path) -> Iterator[Path]:
+    """A helper per connection on FOLDER/helper.sock, as systemd's Accept=yes
+    socket starts it; the socket open to every user, as privsock-clients is."""
+    path = folder / "helper.sock"
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "--seqpacket", "-a", "--inetd", "-l", str(path),
+         *default_helper_argv(), "--policy", str(policy)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=HELPER_ENV,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not path.exists():
+            assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
+            time.sleep(0.02)
+        path.chmod(0o666)
+        yield path
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def activated_helper(test_policy: Path, shared_dir: Path) -> Iterator[Path]:  # noqa: F811
+    with socket_activated(test_policy, shared_dir) as path:
+        yield path
+
+
+def exec_connect(path: Path | str, *args: str, prefix: tuple[str, ...] = (),
+                 **popen: Any) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    return subprocess.run(
+        [*prefix, PRIVSOCK, "exec", "--connect", str(path), *args],
+        capture_output=True, text=True, timeout=60, check=False, cwd="/",
+        stdin=subprocess.DEVNULL, **popen,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--user", "nobody"), ("--group", "nogroup"), ("--groups", ""), ("--policy", "/etc/p")],
+)
+def test_identity_options_are_refused_with_connect(option: str, value: str) -> None:
+    """The command runs as the caller: naming anyone else is a usage error,
+    before any connection is made."""
+    result = exec_connect("/nonexistent/helper.sock", option, value, *LISTEN, "--", "true")
+    assert result.returncode == 64, result.stderr
+    assert result.stderr.splitlines() == [
+        f"privsock: exec: {option} cannot be combined with --connect: the command runs as "
+        "the caller, and the shared helper's own policy decides by the caller's uid"
+    ]
+
+
+def test_exec_needs_user_or_connect() -> None:
+    result = subprocess.run([PRIVSOCK, "exec", *LISTEN, "--", "true"], capture_output=True,
+                            text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 64
+    assert result.stderr.splitlines() == [
+        "privsock: exec: give --user USER (as root), or --connect PATH (as the user who runs "
+        "the command)"
+    ]
+
+
+@pytest.mark.root
+def test_root_is_refused_with_connect(activated_helper: Path) -> None:
+    """No drop happens with --connect, so a root caller's server would run as
+    root: refused before the helper is asked for anything."""
+    assert os.geteuid() == 0
+    result = exec_connect(activated_helper, *LISTEN, "--", "true")
+    assert result.returncode == 64, result.stderr
+    assert result.stderr.splitlines() == [
+        "privsock: exec: refusing to run the command as root: --connect runs it as the caller, "
+        "with no drop; as root, give --user USER (and --policy FILE) instead"
+    ]
+
+
+@pytest.mark.root
+def test_a_missing_socket_is_an_unavailable_service(shared_dir: Path) -> None:  # noqa: F811
+    missing = shared_dir / "no-helper.sock"
+    result = exec_connect(missing, *LISTEN, "--", "true", **NOBODY)
+    assert result.returncode == 69, result.stderr
+    assert message_lines(result.stderr) == [
+        f"privsock: exec: helper did not start: cannot connect to {missing}: "
+        "No such file or directory; nothing was started"
+    ]
+
+
+def _boss_lines(stderr: str) -> list[dict[str, Any]]:
+    return [auditrecord.parse(line) for line in stderr.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture
+def probe_connect(activated_helper: Path) -> Callable[..., dict[str, Any]]:
+    def run(*args: str, prefix: tuple[str, ...] = (), **popen: Any) -> dict[str, Any]:
+        result = exec_connect(
+            activated_helper, *args, "--name", "web", *LISTEN, "--", sys.executable, "-I",
+            "-c", PROBE, prefix=prefix, **popen,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        seen: dict[str, Any] = json.loads(result.stdout)
+        seen["boss"] = _boss_lines(result.stderr)
+        return seen
+
+    return run
+
+
+@pytest.mark.root
+def test_an_ordinary_user_gets_port_80_and_the_server_runs_as_itself(
+    probe_connect: Callable[..., dict[str, Any]],
+) -> None:
+    seen = probe_connect("--setenv", "GREETING=hi", "--keep-env", "KEPT",
+                         env={"SECRET_TOKEN": "the caller's", "KEPT": "yes",
+                              "LISTEN_FDS": "9", "PATH": os.environ["PATH"]},
+                         **NOBODY)  # fmt: skip
+    print(json.dumps({k: seen[k] for k in ("socks", "fds", "pid")}))
+    assert seen["socks"] == [{"fd": 3, "family": "AF_INET", "type": "SOCK_STREAM",
+                              "addr": ["127.0.0.1", 80], "listening": 1,
+                              "inheritable": True}]  # fmt: skip
+    assert seen["fds"] == [0, 1, 2, 3]
+    env = seen["env"]
+    assert (env["LISTEN_FDS"], env["LISTEN_PID"], env["LISTEN_FDNAMES"]) == (
+        "1", str(seen["pid"]), "web")
+    # exec's clean environment, as in the root start: nothing else of the caller's.
+    assert (env["USER"], env["GREETING"], env["KEPT"]) == ("nobody", "hi", "yes")
+    assert "SECRET_TOKEN" not in env
+    status = seen["status"]
+    assert set(status_field(status, "Uid").split()) == {str(pwd.getpwnam("nobody").pw_uid)}
+    assert status_field(status, "NoNewPrivs") == "1"
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+        assert int(status_field(status, cap), 16) == 0, cap
+    # The boss's own audit line names the user and the command.
+    granted = [r for r in seen["boss"] if r["decision"] == "granted"]
+    assert [(r["port"], r["user"], r["command"][0]) for r in granted] == [
+        (80, "nobody", sys.executable)]
+
+
+@pytest.mark.root
+def test_a_caller_with_capabilities_passes_none_to_the_server(
+    probe_connect: Callable[..., dict[str, Any]],
+) -> None:
+    """A caller holding an ambient capability (a service with
+    AmbientCapabilities=) would hand it to the server across the exec: exec
+    --connect sheds every capability set it can before the exec."""
+    seen = probe_connect(prefix=tuple(WITH_AMBIENT_CAP))
+    status = seen["status"]
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+        assert int(status_field(status, cap), 16) == 0, (cap, status_field(status, cap))
+    assert status_field(status, "NoNewPrivs") == "1"
+
+
+@pytest.mark.root
+def test_a_denied_port_starts_nothing(activated_helper: Path, shared_dir: Path) -> None:  # noqa: F811
+    marker = shared_dir / "started"
+    result = exec_connect(activated_helper, "--listen", "tcp:127.0.0.1:22", "--",
+                          "/bin/sh", "-c", f"touch {marker}", **NOBODY)  # fmt: skip
+    assert result.returncode == 77, result.stderr
+    assert message_lines(result.stderr) == [
+        "privsock: exec: tcp:127.0.0.1:22: denied by policy (port); nothing was started"
+    ]
+    assert not marker.exists()
+
+
+@pytest.fixture
+def slow_helper(policy_factory: Callable[[str], Path],
+                shared_dir: Path) -> Iterator[Path]:  # noqa: F811  # fmt: skip
+    """A socket-activated helper whose policy allows one grant per 1000 s."""
+    policy = policy_factory(TEST_POLICY.replace("rate = 100000.0", "rate = 0.001")
+                            .replace("burst = 100000", "burst = 1"))  # fmt: skip
+    with socket_activated(policy, shared_dir) as path:
+        yield path
+
+
+@pytest.mark.root
+def test_the_shared_helpers_rate_limit_is_exit_75(slow_helper: Path) -> None:
+    result = exec_connect(slow_helper, "--rate-wait", "0", *LISTEN, "--", "true", **NOBODY)
+    assert result.returncode == 75, result.stderr
+    assert message_lines(result.stderr) == [
+        "privsock: exec: tcp:127.0.0.1:80: still rate limited when --rate-wait ran out; "
+        "nothing was started"
+    ]
