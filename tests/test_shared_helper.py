@@ -22,6 +22,7 @@ import pytest
 from .conftest import REPO
 from .containers.harness import PODMAN, Podman, build_rootfs, require_tools
 from .test_deploy import SOCKET_PATH, _boot_with_the_socket_unit, _in, _installed
+from .test_exec import GUNICORN, PRIVSOCK
 
 pytestmark = [pytest.mark.containers, pytest.mark.slow]
 
@@ -151,7 +152,8 @@ def shared() -> Iterator[Shared]:
         _installed(rootfs / "etc/systemd/system")
         (rootfs / "opt").mkdir()
         for script, text in (("ask", ASK), ("hold", HOLD), ("flood", FLOOD),
-                             ("reconnect", RECONNECT), ("noise", NOISE)):  # fmt: skip
+                             ("reconnect", RECONNECT), ("noise", NOISE), ("hello", HELLO),
+                             ("get", GET)):  # fmt: skip
             (rootfs / f"opt/{script}.py").write_text(text)
         name = _boot_with_the_socket_unit(runner, rootfs)
         yield Shared(runner, name)
@@ -175,6 +177,102 @@ def test_per_user_rules_under_systemd(shared: Shared) -> None:
     assert by_peer[(USERS["bob"], 80)] == ("denied", "default")
     assert by_peer[(USERS["bob"], 53)] == ("granted", "allow[1]")
     assert all(isinstance(r["peer_pid"], int) and r["peer_pid"] > 1 for r in lines)
+
+
+# A WSGI application, and a client that waits for it (inside the container).
+HELLO = r"""
+import os
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [f"hello from uid {os.getuid()}".encode()]
+"""
+GET = r"""
+import sys, time, urllib.request
+deadline = time.monotonic() + 60
+while True:
+    try:
+        with urllib.request.urlopen(sys.argv[1], timeout=30) as reply:
+            print(reply.status, reply.read().decode())
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.1)
+"""
+EXEC_CONNECT = [PRIVSOCK, "exec", "--connect", SOCKET_PATH, "--listen", "tcp:0.0.0.0:80",
+                "--", GUNICORN, "--workers", "1", "--chdir", "/opt", "hello:app"]  # fmt: skip
+
+
+def _as(user: str) -> list[str]:
+    group = "nogroup" if user == "nobody" else user
+    return ["setpriv", f"--reuid={user}", f"--regid={group}", "--init-groups", "--"]
+
+
+def test_exec_connect_serves_port_80_for_the_user_the_policy_names(shared: Shared) -> None:
+    """The authbind replacement, with no root in the user's chain: alice runs
+    an unmodified gunicorn on port 80 through the shared helper, and a request
+    is answered by her server; bob, whom the policy does not give port 80,
+    gets a one-line refusal and no server; nobody, outside privsock-clients,
+    cannot reach the helper. The journal's audit lines name each peer, and
+    alice's grant names the pid that became her server."""
+    shared.wait_idle()
+    before = len(shared.audit())
+    # alice's command runs in the background; its stderr (the boss's audit
+    # lines) goes to a file root's shell opens for it.
+    line = " ".join([*_as("alice"), *EXEC_CONNECT])
+    subprocess.run([*PODMAN, "exec", "--detach", shared.name, "sh", "-c",
+                    f"exec {line} </dev/null >/run/alice.out 2>/run/alice.err"],
+                   env=shared.runner.env, check=True, timeout=60,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
+    answer = shared.as_user("carol", shared.python, "-I", "/opt/get.py", "http://127.0.0.1:80/")
+    print(json.dumps({"answer": answer.strip()}))
+    assert answer.strip() == f"200 hello from uid {USERS['alice']}"
+
+    refused = {}
+    for user in ("bob", "nobody"):
+        done = subprocess.run(
+            [*PODMAN, "exec", shared.name, *_as(user), *EXEC_CONNECT], env=shared.runner.env,
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        refused[user] = (done.returncode, [ln for ln in done.stderr.splitlines()
+                                           if not ln.startswith("{")])  # fmt: skip
+    print(json.dumps(refused))
+    assert refused == {
+        "bob": (77, ["privsock: exec: tcp:0.0.0.0:80: denied by policy (port); "
+                     "nothing was started"]),
+        "nobody": (69, [f"privsock: exec: helper did not start: cannot connect to {SOCKET_PATH}: "
+                        "Permission denied; nothing was started"]),
+    }  # fmt: skip
+    # Only alice's server listens on 80 (bob's gunicorn never started).
+    listening = shared.run("ss", "-Hltnp", "sport = :80")
+    assert listening.count("LISTEN") == 1, listening
+
+    lines = [r for r in shared.audit()[before:] if r["op"] == "CREATE" and r["port"] == 80]
+    print(json.dumps([(r["peer_uid"], r["peer_pid"], r["decision"]) for r in lines]))
+    granted = [r for r in lines if r["decision"] == "granted"]
+    denied = [r for r in lines if r["decision"] == "denied"]
+    assert [r["peer_uid"] for r in granted] == [USERS["alice"]]
+    assert [r["peer_uid"] for r in denied] == [USERS["bob"]]
+    server = granted[0]["peer_pid"]
+    # The pid that asked is the one exec turned into the server: alice's gunicorn.
+    status = shared.run("cat", f"/proc/{server}/status")
+    cmdline = shared.run("cat", f"/proc/{server}/cmdline").split("\0")
+    assert GUNICORN in cmdline[:2], cmdline
+    assert _field(status, "Uid").split() == [str(USERS["alice"])] * 4
+    assert _field(status, "NoNewPrivs") == "1"
+    assert int(_field(status, "CapEff"), 16) == int(_field(status, "CapAmb"), 16) == 0
+    # The boss's own line names the user and the command.
+    boss = [json.loads(ln) for ln in shared.run("cat", "/run/alice.err").splitlines()
+            if ln.startswith("{")]  # fmt: skip
+    assert [(r["user"], r["command"][0]) for r in boss if r["decision"] == "granted"] == [
+        ("alice", GUNICORN)]
+    shared.run("kill", "-TERM", str(server))
+
+
+def _field(status: str, name: str) -> str:
+    return next(ln.split(":", 1)[1].strip() for ln in status.splitlines()
+                if ln.startswith(name + ":"))  # fmt: skip
 
 
 # As one user: open N connections, PING each, print which were served, keep
