@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import socket
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from privsock.helper import auditrecord
 from privsock.helperprocess import HELPER_ENV, default_helper_argv
 
 from .conftest import TEST_POLICY
-from .test_exec import PRIVSOCK, PROBE, message_lines, status_field
+from .test_exec import PRIVSOCK, PROBE, message_lines, status_field, wait_listening
 from .test_run import shared_dir  # noqa: F401 (a fixture)
 
 NOBODY = {"user": "nobody", "group": "nogroup", "extra_groups": []}
@@ -216,3 +217,49 @@ def test_the_shared_helpers_rate_limit_is_exit_75(slow_helper: Path) -> None:
         "privsock: exec: tcp:127.0.0.1:80: still rate limited when --rate-wait ran out; "
         "nothing was started"
     ]
+
+
+STATIC_SERVER = r"""
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/socket.h>
+/* A socket-activated server with no libc to preload into: fd 3 is its socket. */
+int main(void) {
+    const char *fds = getenv("LISTEN_FDS");
+    if (!fds || strcmp(fds, "1") != 0) return 2;
+    int c = accept(3, 0, 0);
+    if (c < 0) return 3;
+    const char reply[] = "static-server\n";
+    write(c, reply, sizeof reply - 1);
+    close(c);
+    return 0;
+}
+"""
+
+
+@pytest.mark.root
+def test_a_static_server_gets_its_socket(activated_helper: Path, shared_dir: Path) -> None:  # noqa: F811
+    """exec --connect hands over a bound socket: how the server is linked does
+    not matter (LD_PRELOAD, authbind's way in, never reaches a static binary)."""
+    source, binary = shared_dir / "static_server.c", shared_dir / "static_server"
+    source.write_text(STATIC_SERVER)
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(binary), str(source)], check=True,
+                   capture_output=True, timeout=120)  # fmt: skip
+    ldd = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False)
+    assert "not a dynamic executable" in ldd.stdout + ldd.stderr
+    proc = subprocess.Popen(
+        [PRIVSOCK, "exec", "--connect", str(activated_helper), *LISTEN, "--", str(binary)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd="/", **NOBODY,
+    )  # fmt: skip
+    try:
+        wait_listening(proc, 80)
+        with socket.create_connection(("127.0.0.1", 80), timeout=10) as c:
+            assert c.makefile().readline() == "static-server\n"
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
