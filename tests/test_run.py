@@ -19,7 +19,7 @@ import textwrap
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -864,12 +864,23 @@ def test_a_stale_notification_is_dropped_before_the_helper_is_asked(test_policy:
         decoy.wait()
 
 
+def _fails_on_create(record: dict[str, Any]) -> bool:
+    return bool(record["op"] == "CREATE")
+
+
+def _fails_on_delivered(record: dict[str, Any]) -> bool:
+    return bool(record["decision"] == "delivered")
+
+
+@pytest.mark.parametrize("fails_on", [_fails_on_create, _fails_on_delivered],
+                         ids=["grant", "delivered"])  # fmt: skip
 def test_an_audit_log_failure_refuses_the_bind_and_the_supervisor_goes_on(
-    test_policy: Path,
+    test_policy: Path, fails_on: Callable[[dict[str, Any]], bool]
 ) -> None:
-    """The grant of a bind cannot be logged (the sink fails on CREATE): the
-    socket is not handed out, the bind gets EACCES, the supervisor says one
-    line and keeps serving."""
+    """The grant of a bind cannot be logged (the sink fails on the boss's
+    CREATE line, or on the run's "delivered" line): the socket is not handed
+    out, the bind gets EACCES and the program keeps its own unbound socket,
+    the supervisor says one line and keeps serving."""
     arch = kernel.arch()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
@@ -879,18 +890,19 @@ def test_an_audit_log_failure_refuses_the_bind_and_the_supervisor_goes_on(
             listener = kernel.install_filter(arch)
             socket.send_fds(theirs, [b"L"], [listener])
             os.close(listener)
+            sock = socket.socket()
             try:
-                socket.socket().bind(("127.0.0.1", 80))
+                sock.bind(("127.0.0.1", 1019))  # no TCP test connects to it: no TIME_WAIT
                 theirs.send(b"0")
             except OSError as exc:
-                theirs.send(str(exc.errno).encode())
+                theirs.send(f"{exc.errno} {sock.getsockname()}".encode())
         finally:
             os._exit(0)
     theirs.close()
     _, (listener,), _, _ = socket.recv_fds(ours, 1, 1)
 
     def sink(record: dict[str, Any]) -> None:
-        if record["op"] == "CREATE":
+        if fails_on(record):
             raise AuditLogError("audit log file:/x: No space left on device", 69)
 
     said: list[str] = []
@@ -900,15 +912,33 @@ def test_an_audit_log_failure_refuses_the_bind_and_the_supervisor_goes_on(
                              audit_sink=sink, log=said.append)  # fmt: skip
             sup.handle(kernel.recv(listener))
         ours.settimeout(30)
-        assert ours.recv(16) == str(errno.EACCES).encode()
+        assert ours.recv(64) == f"{errno.EACCES} ('0.0.0.0', 0)".encode()
         assert (sup.counters.refused, sup.counters.delivered) == (1, 0)
         assert [line.split(": ", 1)[1] for line in said] == [
-            "bind(127.0.0.1:80) refused: audit log file:/x: No space left on device"
+            "bind(127.0.0.1:1019) refused: audit log file:/x: No space left on device"
         ]
     finally:
         os.close(listener)
         ours.close()
         os.waitpid(pid, 0)
+
+
+def test_an_audit_log_that_takes_nothing_starts_nothing(
+    test_policy: Path, shared_dir: Path
+) -> None:
+    """--audit-log file:/dev/full: the start-up PING's lines cannot be written,
+    so the run stops there with one line and 69; the program never runs."""
+    shared_dir.chmod(0o777)
+    marker = shared_dir / "ran"
+    argv = privsock_run(test_policy, "/usr/bin/touch", str(marker))
+    argv[argv.index("--") : argv.index("--")] = ["--audit-log", "file:/dev/full"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 69, result.stderr
+    assert result.stderr.splitlines() == [
+        "privsock: run: cannot write to audit log /dev/full: No space left on device; "
+        "nothing was started"
+    ]
+    assert not marker.exists()
 
 
 FLIP = textwrap.dedent(r"""

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from privsock import detach, dropall, execcmd, execenv
-from privsock.auditsink import Sink
+from privsock.auditsink import AuditLogError, Sink
 from privsock.client import SocketCreator
 from privsock.errors import HelperStartError
 from privsock.helper.exitcodes import Exit, Refusal
@@ -246,10 +246,12 @@ def run(opts: RunOptions, sink: Sink | None) -> int:
     kernel.prctl(kernel.PR_SET_CHILD_SUBREAPER, 1)
     creator = SocketCreator(opts.policy, connect=opts.connect, audit_sink=sink)
     try:
-        creator.start()
-    except HelperStartError as exc:
-        raise execcmd.start_refusal(exc) from None
-    try:
+        try:
+            creator.start()
+        except HelperStartError as exc:
+            raise execcmd.start_refusal(exc) from None
+        except AuditLogError as exc:  # the start-up PING's lines cannot be logged
+            raise Refusal(Exit(exc.exit_code), f"{exc}; nothing was started") from None
         env = environment(opts.target)
         terminal = Terminal()
         try:

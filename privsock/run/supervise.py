@@ -14,10 +14,12 @@ For each notification, in this order (each step fails closed):
 4. bindreq.decide; for Serve, the helper binds a socket of the same family
    and type to the address *as read in step 1* — a program that changes the
    memory afterwards changes nothing the supervisor does;
-5. copy O_NONBLOCK, close-on-exec and the carried options onto it, put it at
-   the program's fd number (ADDFD with SETFD, which replaces the old socket
-   atomically), then answer the bind with 0 (a separate SEND: ADDFD's own
-   SEND flag would make bind() return the fd number).
+5. copy O_NONBLOCK, close-on-exec and the carried options onto it; write
+   the "delivered" audit line (a line the log cannot take refuses the bind:
+   no socket is handed out unlogged); put it at the program's fd number
+   (ADDFD with SETFD, which replaces the old socket atomically), then answer
+   the bind with 0 (a separate SEND: ADDFD's own SEND flag would make bind()
+   return the fd number).
 
 Why CONTINUE is safe: the kernel then performs the bind itself, as the
 program, with no privilege; an address changed after the check gains nothing
@@ -82,7 +84,7 @@ class Supervisor:
     ) -> None:  # fmt: skip
         self.counters.refused += 1
         self.log(f"pid {tgid}: bind({what}) refused: {reason}")
-        self._audit(tgid, what, "denied", reason, transport)
+        self._note(tgid, what, "denied", reason, transport)
         self._send(nid, error=-err)
 
     def _send(self, nid: int, *, val: int = 0, error: int = 0, flags: int = 0) -> None:
@@ -107,6 +109,23 @@ class Supervisor:
         rec.update(op="BIND", address=host.strip("[]"), port=int(port),
                    transport=transport.name.lower() if transport else None)  # fmt: skip
         self.audit_sink(rec)
+
+    def _unlogged(self, nid: int, tgid: int, what: str, exc: AuditLogError) -> None:
+        """A grant that cannot be logged is not handed out; the sink is what
+        failed, so this refusal is said here and not audited."""
+        self.counters.refused += 1
+        self.log(f"pid {tgid}: bind({what}) refused: {exc}")
+        self._send(nid, error=-errno.EACCES)
+
+    def _note(
+        self, tgid: int, what: str, decision: str, reason: str, transport: Transport | None,
+    ) -> None:  # fmt: skip
+        """A denial or a drop: nothing was handed out, so a log that cannot take
+        the line is said (one line), and the answer to the caller still goes."""
+        try:
+            self._audit(tgid, what, decision, reason, transport)
+        except AuditLogError as exc:
+            self.log(f"pid {tgid}: bind({what}) {decision}, not logged: {exc}")
 
     # -- one notification ---------------------------------------------------
 
@@ -207,32 +226,34 @@ class Supervisor:
             self._refuse(n.id, tgid, what, f"helper: {exc}", transport=tr)
             return
         except AuditLogError as exc:
-            # The grant could not be logged, so it was not handed out; the sink
-            # is what failed, so this refusal is said here and not audited.
-            self.counters.refused += 1
-            self.log(f"pid {tgid}: bind({what}) refused: {exc}")
-            self._send(n.id, error=-errno.EACCES)
+            self._unlogged(n.id, tgid, what, exc)
             return
         with new:
             sockopts.copy(theirs, new)
             cloexec = sockopts.fd_cloexec(tgid, fd)
             if not kernel.id_valid(self.listener, n.id):
                 self.counters.dropped += 1
-                self._audit(tgid, what, "undelivered", "the caller was gone", tr)
+                self._note(tgid, what, "undelivered", "the caller was gone", tr)
+                return
+            # Logged before it is put in place: once ADDFD has run, the program
+            # holds the socket, so a line that cannot be written must stop it here.
+            try:
+                self._audit(tgid, what, "delivered", None, tr)
+            except AuditLogError as exc:
+                self._unlogged(n.id, tgid, what, exc)
                 return
             try:
                 kernel.addfd_setfd(self.listener, n.id, new.fileno(), fd, cloexec)
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
-                self.counters.dropped += 1
-                self._audit(tgid, what, "undelivered", "the caller was gone", tr)
+                self.counters.dropped += 1  # this line withdraws the "delivered" one
+                self._note(tgid, what, "undelivered", "the caller was gone", tr)
                 return
             st = os.fstat(new.fileno())
             self._granted.add((st.st_dev, st.st_ino))
             self._send(n.id, val=0)
             self.counters.delivered += 1
-            self._audit(tgid, what, "delivered", None, tr)
 
     def _create(self, v: bindreq.Serve) -> socket.socket:
         deadline = time.monotonic() + RATE_LIMIT_WAIT
