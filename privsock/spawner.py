@@ -14,7 +14,8 @@ import concurrent.futures
 from collections.abc import Callable
 from typing import TypeVar
 
-from privsock.helper.procstatus import NET_BIND_SERVICE_MASK, parse_status
+from privsock.helper.caps import NET_BIND_SERVICE_MASK
+from privsock.helper.procstatus import parse_status
 
 T = TypeVar("T")
 

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from privsock.helper.caps import CAP_NET_BIND_SERVICE, NET_BIND_SERVICE_MASK
 from privsock.helper.procstatus import (
-    CAP_NET_BIND_SERVICE,
     CAP_SETS,
-    NET_BIND_SERVICE_MASK,
     ProcStatus,
     StatusFormatError,
     cap_names,

@@ -28,7 +28,7 @@ import pytest
 from privsock.auditsink import AuditLogError
 from privsock.client import SocketCreator
 from privsock.execenv import SAFE_PATH
-from privsock.helper import auditrecord
+from privsock.helper import auditrecord, caps
 from privsock.helperprocess import HELPER_ENV, default_helper_argv
 from privsock.run import kernel
 from privsock.run.supervise import Supervisor
@@ -833,7 +833,7 @@ def test_a_stale_notification_is_dropped_before_the_helper_is_asked(test_policy:
     pid = os.fork()
     if pid == 0:  # pragma: no cover (the caller)
         try:
-            kernel.prctl(kernel.PR_SET_NO_NEW_PRIVS, 1)
+            caps.prctl(caps.PR_SET_NO_NEW_PRIVS, 1)
             listener = kernel.install_filter(arch)
             socket.send_fds(theirs, [b"L"], [listener])
             socket.socket().bind(("127.0.0.1", 80))
@@ -886,7 +886,7 @@ def test_an_audit_log_failure_refuses_the_bind_and_the_supervisor_goes_on(
     pid = os.fork()
     if pid == 0:  # pragma: no cover (the caller)
         try:
-            kernel.prctl(kernel.PR_SET_NO_NEW_PRIVS, 1)
+            caps.prctl(caps.PR_SET_NO_NEW_PRIVS, 1)
             listener = kernel.install_filter(arch)
             socket.send_fds(theirs, [b"L"], [listener])
             os.close(listener)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from mutate.model import load, mutation_problems, problems
-from privsock.helper.procstatus import CAP_NET_BIND_SERVICE, cap_names
+from privsock.helper.caps import CAP_NET_BIND_SERVICE
+from privsock.helper.procstatus import cap_names
 from privsock.helper.seccomp_filter import ALLOWLIST
 
 from .conftest import REPO

@@ -24,6 +24,7 @@ import signal
 import prctl
 
 from privsock.helper.caps import (
+    CAP_NET_BIND_SERVICE,
     PR_CAP_AMBIENT,
     PR_CAP_AMBIENT_CLEAR_ALL,
     PR_CAPBSET_DROP,
@@ -32,7 +33,7 @@ from privsock.helper.caps import (
     raw_prctl,
 )
 from privsock.helper.exitcodes import Exit, Refusal
-from privsock.helper.procstatus import CAP_NET_BIND_SERVICE, cap_names
+from privsock.helper.procstatus import cap_names
 
 # The most fds the helper ever holds: 0 (channel), 2 (log), one new socket,
 # and room for fds a boss pushes at it, which it closes at once. The kernel drops

@@ -99,7 +99,7 @@ class Applied:
     scoped: int
     tcp_ports: int  # how many TCP bind rules were added
 
-    def describe(self) -> str:
+    def summary(self) -> str:
         parts = [f"ABI {self.abi}", "no filesystem"]
         if self.net:
             parts.append(f"TCP bind to {self.tcp_ports} port(s) only, no TCP connect")

@@ -260,7 +260,7 @@ def run(argv: list[str]) -> int:
         return exc.exit_code
     chan, policy, pid, peer = hardened.chan, hardened.policy, hardened.pid, hardened.peer
     if isinstance(hardened.landlock, landlock.Applied):
-        shown = hardened.landlock.describe()
+        shown = hardened.landlock.summary()
     else:
         shown = f"unavailable ({hardened.landlock})"
     _say(f"hardened, serving (pid {pid}, policy {policy_path}, peer uid {peer.uid} "

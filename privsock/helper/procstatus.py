@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CAP_NET_BIND_SERVICE = 10
-NET_BIND_SERVICE_MASK = 1 << CAP_NET_BIND_SERVICE
+from privsock.helper.caps import NET_BIND_SERVICE_MASK
 
 CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 

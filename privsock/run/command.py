@@ -29,6 +29,7 @@ from privsock import detach, dropall, execcmd, execenv
 from privsock.auditsink import AuditLogError, Sink
 from privsock.client import SocketCreator
 from privsock.errors import HelperStartError
+from privsock.helper import caps
 from privsock.helper.exitcodes import Exit, Refusal
 from privsock.run import bindreq, kernel, launch
 from privsock.run.supervise import Supervisor
@@ -80,8 +81,8 @@ def drop_supervisor(target: dropall.Target) -> None:
 
 
 def make_undumpable() -> None:
-    kernel.prctl(kernel.PR_SET_DUMPABLE, 0)
-    if kernel.prctl(kernel.PR_GET_DUMPABLE, 0) != 0:
+    caps.prctl(caps.PR_SET_DUMPABLE, 0)
+    if caps.prctl(caps.PR_GET_DUMPABLE, 0) != 0:
         raise Refusal(Exit.OSERR, "could not make the supervisor non-dumpable")
 
 
@@ -243,7 +244,7 @@ def run(opts: RunOptions, sink: Sink | None) -> int:
     elif opts.target is None and os.geteuid() == 0:
         raise Refusal(Exit.USAGE, "refusing to run the command as root: give --user")
     # Orphans of CMD come to us, so that daemonizing programs stay served.
-    kernel.prctl(kernel.PR_SET_CHILD_SUBREAPER, 1)
+    caps.prctl(caps.PR_SET_CHILD_SUBREAPER, 1)
     creator = SocketCreator(opts.policy, connect=opts.connect, audit_sink=sink)
     try:
         try:
@@ -262,7 +263,7 @@ def run(opts: RunOptions, sink: Sink | None) -> int:
             if opts.target is not None:
                 drop_supervisor(opts.target)
             else:
-                kernel.prctl(kernel.PR_SET_NO_NEW_PRIVS, 1)
+                caps.prctl(caps.PR_SET_NO_NEW_PRIVS, 1)
             make_undumpable()
         except (Refusal, OSError):
             os.kill(launched.pid, signal.SIGKILL)

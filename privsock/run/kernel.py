@@ -81,13 +81,6 @@ _BPF_JEQ_K = 0x05 | 0x10 | 0x00  # BPF_JMP | BPF_JEQ | BPF_K
 _BPF_RET_K = 0x06 | 0x00  # BPF_RET | BPF_K
 _OFF_NR, _OFF_ARCH = 0, 4  # offsetof(struct seccomp_data, nr / arch)
 
-# include/uapi/linux/prctl.h
-PR_SET_PDEATHSIG = 1
-PR_GET_DUMPABLE = 3
-PR_SET_DUMPABLE = 4
-PR_SET_CHILD_SUBREAPER = 36
-PR_SET_NO_NEW_PRIVS = 38
-
 
 class KernelTooOld(Exception):
     """The kernel lacks something `privsock run` needs; the message says what."""
@@ -219,14 +212,6 @@ def read_memory(pid: int, address: int, length: int) -> bytes:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return buf.raw[:n]
-
-
-def prctl(option: int, arg2: int) -> int:
-    ret = int(_libc.prctl(option, ctypes.c_ulong(arg2), 0, 0, 0))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
-    return ret
 
 
 # -- the listener ---------------------------------------------------------------

@@ -33,7 +33,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from privsock import dropall, execenv
+from privsock.helper import caps
 from privsock.helper.exitcodes import Exit, Refusal
+from privsock.helper.protocol import received_fds
 from privsock.run import kernel
 
 PDEATHSIG = signal.SIGTERM
@@ -69,8 +71,8 @@ def _child(
     if target is not None:
         dropall.drop(target)
     else:
-        kernel.prctl(kernel.PR_SET_NO_NEW_PRIVS, 1)
-    kernel.prctl(kernel.PR_SET_PDEATHSIG, PDEATHSIG)
+        caps.prctl(caps.PR_SET_NO_NEW_PRIVS, 1)
+    caps.prctl(caps.PR_SET_PDEATHSIG, PDEATHSIG)
     if os.getppid() != supervisor:
         os._exit(Exit.SOFTWARE)  # the supervisor is already gone
     try:
@@ -148,10 +150,7 @@ def _receive_listener(chan: socket.socket) -> int:
         data, anc, _flags, _ = chan.recvmsg(4096, socket.CMSG_SPACE(4))
     except TimeoutError:
         raise Refusal(Exit.SOFTWARE, "the command did not start in time") from None
-    fds = array.array("i")
-    for level, kind, raw in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(raw[: len(raw) - len(raw) % fds.itemsize])
+    fds = received_fds(anc)
     if data == b"L" and len(fds) == 1:
         return fds[0]
     for fd in fds:

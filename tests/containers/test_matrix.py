@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from privsock.helper.caps import NET_BIND_SERVICE_MASK
 from privsock.helper.exitcodes import Exit
-from privsock.helper.procstatus import NET_BIND_SERVICE_MASK
 
 from .conftest import UserNamespace
 from .harness import (
