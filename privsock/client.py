@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import ipaddress
 import os
 import socket
 import threading
@@ -53,6 +54,17 @@ _DECISIONS = {
     Status.MALFORMED: "malformed", Status.OS_ERROR: "os_error",
 }  # fmt: skip
 _ANCBUF = socket.CMSG_SPACE(4 * array.array("i").itemsize)
+
+
+def _bound(sock: socket.socket) -> tuple[protocol.IPAddress, int] | None:
+    """The address and port ``sock`` is bound to; None if it is not bound."""
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return None
+    if not isinstance(name, tuple) or len(name) < 2 or not name[1]:
+        return None
+    return ipaddress.ip_address(name[0]), int(name[1])
 
 
 # How long SocketCreator(connect=...) waits, per create(), for a rate-limited
@@ -207,6 +219,13 @@ class SocketCreator:
         if sock.family != family or sock.type != kind:
             sock.close()
             self._kill(f"sent a {sock.family.name}/{sock.type.name} socket for {what}")
+        # Bound where asked: a socket bound elsewhere (or not at all, which a
+        # later listen() would bind to a random port) is not what was granted.
+        bound = _bound(sock)
+        if bound != (addr, create.port):
+            sock.close()
+            where = "no address" if bound is None else f"{bound[0]} port {bound[1]}"
+            self._kill(f"sent a socket bound to {where} for {what}")
         try:
             self._log_boss(req, reply)
         except BaseException:

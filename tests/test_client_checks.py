@@ -31,6 +31,8 @@ def open_fds() -> int:
         ("short_reply", "invalid reply"),
         ("bad_status", "invalid reply"),
         ("wrong_socket_type", "sent a AF_INET/SOCK_STREAM socket for udp:127.0.0.1:53"),
+        ("wrong_address", r"sent a socket bound to 127\.0\.0\.2 port \d+ for udp:127.0.0.1:53"),
+        ("unbound", "sent a socket bound to no address for udp:127.0.0.1:53"),
         ("silent", "no reply within 0.5s"),
     ],
 )

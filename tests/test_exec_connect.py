@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,13 +40,15 @@ WITH_AMBIENT_CAP = [
 
 
 @contextmanager
-def socket_activated(policy: Path, folder: Path) -> Iterator[Path]:
+def socket_activated(policy: Path, folder: Path,
+                     helper: Sequence[str] = ()) -> Iterator[Path]:  # fmt: skip
     """A helper per connection on FOLDER/helper.sock, as systemd's Accept=yes
-    socket starts it; the socket open to every user, as privsock-clients is."""
+    socket starts it; the socket open to every user, as privsock-clients is.
+    ``helper``: another program in place of the helper."""
     path = folder / "helper.sock"
     proc = subprocess.Popen(
         ["systemd-socket-activate", "--seqpacket", "-a", "--inetd", "-l", str(path),
-         *default_helper_argv(), "--policy", str(policy)],
+         *(helper or default_helper_argv()), "--policy", str(policy)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=HELPER_ENV,
     )  # fmt: skip
     try:
@@ -263,3 +266,22 @@ def test_a_static_server_gets_its_socket(activated_helper: Path, shared_dir: Pat
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, err
+
+
+BAD_HELPER = Path(__file__).parent / "fakes" / "bad_helper.py"
+
+
+@pytest.mark.root
+def test_a_socket_bound_elsewhere_is_refused(test_policy: Path, shared_dir: Path) -> None:  # noqa: F811
+    """Whatever answers at the --connect path (a path someone else suggested,
+    a compromised helper) can hand over only sockets bound where exec asked:
+    one bound to another address, which the server would then serve, is
+    refused and nothing starts."""
+    helper = [sys.executable, str(BAD_HELPER), "wrong_address"]
+    with socket_activated(test_policy, shared_dir, helper) as path:
+        result = exec_connect(path, *LISTEN, "--", "true", **NOBODY)
+    assert result.returncode == 70, result.stderr
+    [line] = message_lines(result.stderr)
+    assert re.fullmatch(
+        r"privsock: exec: privsock helper sent a socket bound to 127\.0\.0\.2 port \d+ for "
+        r"tcp:127\.0\.0\.1:80; it was killed; nothing was started", line), line

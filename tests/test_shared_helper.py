@@ -217,6 +217,10 @@ def test_exec_connect_serves_port_80_for_the_user_the_policy_names(shared: Share
     cannot reach the helper. The journal's audit lines name each peer, and
     alice's grant names the pid that became her server."""
     shared.wait_idle()
+    # The front door: only root can put a socket file where exec --connect looks.
+    doors = shared.run("stat", "-c", "%n %U %G %a", "/run/privsock", SOCKET_PATH).splitlines()
+    assert doors == ["/run/privsock root root 755",
+                     f"{SOCKET_PATH} root privsock-clients 660"]  # fmt: skip
     before = len(shared.audit())
     # alice's command runs in the background; its stderr (the boss's audit
     # lines) goes to a file root's shell opens for it.

@@ -62,6 +62,14 @@ while True:
     elif MODE == "wrong_socket_type":
         send(reply(protocol.Status.OK, rid),
              [socket.socket(socket.AF_INET, socket.SOCK_STREAM).detach()])  # fmt: skip
+    elif MODE == "wrong_address":  # the socket asked for, bound, but not where asked
+        assert isinstance(req, protocol.Create)
+        tcp = req.transport is protocol.Transport.TCP
+        wrong = socket.socket(socket.AF_INET, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
+        wrong.bind(("127.0.0.2", 0))
+        send(reply(protocol.Status.OK, rid), [wrong.detach()])
+    elif MODE == "unbound":
+        send(reply(protocol.Status.OK, rid), [udp()])
     elif MODE == "silent":
         time.sleep(3600)
     else:
