@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn, TypeVar
 
 from privsock import __version__, auditsink, dropall, execcmd, execenv, inspection
-from privsock.helper import landlock
 from privsock.helper.exitcodes import Exit, Refusal
 from privsock.helper.policy import Policy
 from privsock.helper.policy_file import load_policy
@@ -276,7 +275,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(line)
     print(f"profile   {profile} ({why})")
     if profile == "helper":
-        print(landlock_line())
+        print(inspection.landlock_line())
     problems, ok = inspection.judge(status, profile)
     if problems:
         print(f"verdict   NOT hardened as privsock promises for a {profile}:")
@@ -285,26 +284,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return Exit.FAILED
     print(f"verdict   {ok}")
     return Exit.OK
-
-
-def landlock_line() -> str:
-    """What can be seen of Landlock from outside: the kernel's ABI, as this
-    process's own context sees it. The kernel shows no process's ruleset in
-    /proc; the helper's start-up line states its own, and with
-    require_landlock (the default) it never serves without one."""
-    try:
-        abi = landlock.abi_version()
-    except landlock.Unavailable as exc:
-        return (f"Landlock  unavailable here: {exc}; a helper started here serves only if "
-                "its policy sets require_landlock = false, and then TCP ports are held by "
-                "its own code alone")  # fmt: skip
-    if abi < landlock.NET_ABI:
-        return (
-            f"Landlock  kernel ABI {abi}: no TCP port rules (ABI {landlock.NET_ABI}); "
-            "a helper serves here only if its policy sets require_landlock = false"
-        )
-    return (f"Landlock  kernel ABI {abi} as seen here; a process's ruleset is not in /proc: "
-            "the helper's start-up line states its own (\"Landlock: ABI ...\")")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

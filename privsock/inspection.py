@@ -1,4 +1,5 @@
-"""What ``privsock inspect`` judges a process against: one profile per role.
+"""What ``privsock inspect`` judges a process against, one profile per role, and
+what it can say of Landlock from outside.
 
 * ``helper``: the serving helper's promise (``procstatus.verdict``): non-root,
   exactly CAP_NET_BIND_SERVICE permitted, effective and bounding, no_new_privs,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import os
 
+from privsock.helper import landlock
 from privsock.helper.procstatus import CAP_SETS, ProcStatus, cap_names, verdict
 
 PROFILES = ("helper", "server")
@@ -62,3 +64,23 @@ def judge(st: ProcStatus, profile: str) -> tuple[list[str], str]:
     if profile == "helper":
         return verdict(st), HELPER_OK
     return server_verdict(st), SERVER_OK
+
+
+def landlock_line() -> str:
+    """What can be seen of Landlock from outside: the kernel's ABI, as this
+    process's own context sees it. The kernel shows no process's ruleset in
+    /proc; the helper's start-up line states its own, and with
+    require_landlock (the default) it never serves without one."""
+    try:
+        abi = landlock.abi_version()
+    except landlock.Unavailable as exc:
+        return (f"Landlock  unavailable here: {exc}; a helper started here serves only if "
+                "its policy sets require_landlock = false, and then TCP ports are held by "
+                "its own code alone")  # fmt: skip
+    if abi < landlock.NET_ABI:
+        return (
+            f"Landlock  kernel ABI {abi}: no TCP port rules (ABI {landlock.NET_ABI}); "
+            "a helper serves here only if its policy sets require_landlock = false"
+        )
+    return (f"Landlock  kernel ABI {abi} as seen here; a process's ruleset is not in /proc: "
+            "the helper's start-up line states its own (\"Landlock: ABI ...\")")  # fmt: skip
