@@ -58,3 +58,16 @@ def test_docs_give_the_trusted_code_line_count() -> None:
     figure = f"{lines:,} lines (`wc -l privsock/helper/*.py`)"
     for doc in ("README.md", "SECURITY.md"):
         assert figure in (ROOT / doc).read_text().replace("\n", " "), f"{doc} lacks {figure!r}"
+
+
+def test_the_readme_layout_table_names_every_module() -> None:
+    # The layout table is where a reader finds a module's job: none is left out.
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("| `privsock/"):
+            folder, what = (cell.strip() for cell in line.strip("|").split("|")[:2])
+            rows[folder.strip("`")] = what
+    for folder in ("privsock/helper/", "privsock/run/", "privsock/"):
+        modules = {p.name for p in (ROOT / folder).glob("*.py")} - {"__init__.py"}
+        unnamed = {name for name in modules if f"`{name}`" not in rows[folder]}
+        assert unnamed == set(), f"README.md's layout table does not name {unnamed} in {folder}"
