@@ -112,8 +112,6 @@ _RATE_KEYS = ("rate", "burst")
 _ALLOW_KEYS = ("transports", "ports", "addresses", "options", "users", "groups")
 _DENY_KEYS = ("transports", "ports", "addresses", "users", "groups")
 
-_TRANSPORTS = TRANSPORT_NAMES
-_OPTIONS = OPTION_NAMES
 # Why an option is not in GRANTABLE for a transport, for the parser's message.
 _NEVER_GRANTED = {
     ("reuseaddr", Transport.UDP): "on UDP, SO_REUSEADDR lets a socket take over a port "
@@ -386,13 +384,14 @@ def _names(
 
 
 def _transports(value: object, key: str) -> frozenset[Transport]:
-    return frozenset(_TRANSPORTS[n] for n in _names(value, key, tuple(_TRANSPORTS), "transport"))
+    names = _names(value, key, tuple(TRANSPORT_NAMES), "transport")
+    return frozenset(TRANSPORT_NAMES[n] for n in names)
 
 
 def _options(
     value: object, key: str, transports: frozenset[Transport], networks: tuple[IPNetwork, ...]
 ) -> Option:
-    names = _names(value, key, tuple(_OPTIONS), "option", may_be_empty=True)
+    names = _names(value, key, tuple(OPTION_NAMES), "option", may_be_empty=True)
     if "v6only" in names and not any(n.version == 6 for n in networks):
         raise _Invalid(
             f"{key}[{names.index('v6only')}]",
@@ -400,7 +399,7 @@ def _options(
         )
     for name in names:
         for transport in sorted(transports):
-            if not _OPTIONS[name] & GRANTABLE[transport]:
+            if not OPTION_NAMES[name] & GRANTABLE[transport]:
                 raise _Invalid(
                     f"{key}[{names.index(name)}]",
                     f"{name} is never granted for {transport.name.lower()}: "
@@ -408,7 +407,7 @@ def _options(
                 )
     options = Option(0)
     for name in names:
-        options |= _OPTIONS[name]
+        options |= OPTION_NAMES[name]
     return options
 
 
