@@ -9,6 +9,7 @@ TypeError or AttributeError deep inside).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 from privsock.errors import InvalidArgument
@@ -33,7 +34,8 @@ def parse_address(value: str | protocol.IPAddress) -> protocol.IPAddress:
         return value
     if isinstance(value, str):
         try:
-            return ipaddress.ip_address(value.strip("[]"))
+            # str.__str__: a plain str, whatever a subclass's __hash__/__eq__ say.
+            return _address_text(str.__str__(value))
         except ValueError:
             pass
         raise InvalidArgument(
@@ -46,6 +48,13 @@ def parse_address(value: str | protocol.IPAddress) -> protocol.IPAddress:
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _address_text(text: str) -> protocol.IPAddress:
+    # A boss asks for the same few addresses again and again; ipaddress objects
+    # are immutable, so a parsed one can be handed out twice. Errors are not cached.
+    return ipaddress.ip_address(text.strip("[]"))
+
+
 def parse_port(value: int) -> int:
     # bool is an int to Python, and True would quietly mean port 1.
     if not isinstance(value, int) or isinstance(value, bool):
@@ -56,6 +65,8 @@ def parse_port(value: int) -> int:
 
 
 def options(*, reuseaddr: bool, reuseport: bool, v6only: bool) -> Option:
+    if reuseaddr is False and reuseport is False and v6only is False:
+        return protocol.NO_OPTIONS  # the usual case, without IntFlag arithmetic
     result = Option(0)
     for name, flag, value in (
         ("reuseaddr", Option.REUSEADDR, reuseaddr),

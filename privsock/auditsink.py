@@ -2,16 +2,20 @@
 library's default), stderr, a file, or syslog.
 
 The line format is privsock.helper.auditrecord (docs/audit-log.md documents it for auditors).
-A sink is a callable taking one record; ``open_sink("stderr" | "file:PATH" |
-"syslog")`` builds one from the command line's ``--audit-log`` value. Every
-line is written and flushed as it comes, so a crash loses none already logged.
-A sink that cannot deliver a record raises AuditLogError, and the client then
-fails the request and closes its socket: no grant goes unlogged.
+A sink is a callable taking the bytes of one line (one JSON object, ending in
+a newline): the helper's lines are forwarded as the helper wrote them, with no
+parse and no re-encoding, and the boss's own lines come from the same format.
+``open_sink("stderr" | "file:PATH" | "syslog")`` builds one from the command
+line's ``--audit-log`` value. Every line is written and flushed as it comes, so
+a crash loses none already logged. A sink that cannot deliver a line raises
+AuditLogError, and the client then fails the request and closes its socket: no
+grant goes unlogged.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import socket
@@ -19,35 +23,71 @@ import sys
 import syslog
 import threading
 import time
-from typing import Any, TextIO
+from collections.abc import Callable, Sequence
+from typing import BinaryIO, TextIO
 
 from privsock.helper import auditrecord
-from privsock.helper.exitcodes import Exit
+from privsock.helper.exitcodes import Exit, Refusal
 
 SPEC_HELP = "stderr, file:PATH or syslog"
 AUDIT_LOGGER = "privsock.audit"
 
-# Grants and pongs are routine; everything else is worth a look.
-_ROUTINE = frozenset({"granted", "pong"})
+# Grants and pongs are routine; everything else is worth a look. A line's
+# unescaped quotes are all structural (a string value has each of its quotes
+# as \"), so these bytes occur in a line only as its decision field.
+_ROUTINE = (b',"decision":"granted",', b',"decision":"pong",')
 
 
-# EX_UNAVAILABLE: the log's destination cannot be reached.
-UNAVAILABLE = 69
+def routine(line: bytes) -> bool:
+    """Whether an audit line is a grant or a pong (logged at INFO, not WARNING)."""
+    return _ROUTINE[0] in line or _ROUTINE[1] in line
 
 
-class AuditLogError(ValueError):
-    """A bad --audit-log value, a log that cannot be opened, or a record that
-    cannot be delivered. ``str(e)`` is one line; ``exit_code`` says which."""
+# EX_UNAVAILABLE: the log's destination cannot be reached or written.
+UNAVAILABLE = Exit.UNAVAILABLE
 
-    def __init__(self, message: str, exit_code: int = Exit.USAGE) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+
+# Every line ends with the user and command fields, null except in the boss's
+# lines of `privsock exec`, which fills them in (naming_boss_lines).
+_BOSS_SIDE = b',"side":"boss",'
+_NULL_NAMES = b',"user":null,"command":null}\n'
+
+
+def naming_boss_lines(
+    sink: Callable[[bytes], None], user: str, command: Sequence[str]
+) -> Callable[[bytes], None]:
+    """``sink``, with the boss's own lines naming ``user`` and ``command``
+    (encoded once, as json.dumps writes them); the helper's lines pass
+    through untouched."""
+    import json  # noqa: PLC0415 (only exec names its lines: not loaded otherwise)
+
+    tail = (
+        b',"user":' + json.dumps(user).encode("ascii")
+        + b',"command":' + json.dumps(list(command), separators=(",", ":")).encode("ascii")
+        + b"}\n"
+    )  # fmt: skip
+
+    def write(line: bytes) -> None:
+        if _BOSS_SIDE in line and line.endswith(_NULL_NAMES):
+            line = line[: -len(_NULL_NAMES)] + tail
+        sink(line)
+
+    return write
+
+
+class AuditLogError(Refusal):
+    """A bad --audit-log value (Exit.USAGE), a log that cannot be opened, or a
+    line that cannot be delivered (Exit.UNAVAILABLE): the one refusal type,
+    (exit code, one line), under its own name so that a caller can tell a
+    failed log from the refusal it was logging (privsock run must not try to
+    log the failure of its log)."""
 
 
 class LoggingSink:
-    """Each record as one message of a ``logging`` logger (``privsock.audit``
-    by default): the JSON line without its newline, with the record itself as
-    the log record's ``audit`` attribute. Grants and pongs at INFO, the rest at
+    """Each line as one message of a ``logging`` logger (``privsock.audit``
+    by default): the JSON line without its newline, with the parsed record as
+    the log record's ``audit`` attribute (parsed only for a line the logger
+    will emit). Grants and pongs at INFO, the rest at
     WARNING. SocketCreator's default: the application's logging configuration
     decides where the lines go (with none, Python prints WARNING and above on
     stderr, so denials show and grants do not)."""
@@ -55,27 +95,32 @@ class LoggingSink:
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self.logger = logger or logging.getLogger(AUDIT_LOGGER)
 
-    def __call__(self, rec: dict[str, Any]) -> None:
-        level = logging.INFO if rec.get("decision") in _ROUTINE else logging.WARNING
+    def __call__(self, line: bytes) -> None:
+        level = logging.INFO if routine(line) else logging.WARNING
         if self.logger.isEnabledFor(level):
-            line = auditrecord.encode(rec).decode("ascii").rstrip("\n")
-            self.logger.log(level, "%s", line, extra={"audit": rec})
+            text = line.decode("ascii").rstrip("\n")
+            self.logger.log(level, "%s", text, extra={"audit": auditrecord.parse(text)})
 
     def close(self) -> None:
         pass  # the logging configuration is the application's
 
 
 class StreamSink:
-    """One JSON line per record on a text stream (stderr by default)."""
+    """Each line on a stream (stderr by default), flushed at once. A binary
+    stream gets the bytes; a text stream (``sys.stderr``, ``io.StringIO``) gets
+    them through its ``buffer`` if it has one, decoded otherwise."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | BinaryIO | None = None) -> None:
         self._stream = stream
-        self._lock = threading.Lock()  # the helper's lines come from a reader thread
+        self._lock = threading.Lock()  # several SocketCreators may share one sink
 
-    def __call__(self, rec: dict[str, Any]) -> None:
+    def __call__(self, line: bytes) -> None:
         stream = self._stream or sys.stderr
         with self._lock:
-            stream.write(auditrecord.encode(rec).decode("ascii"))
+            if isinstance(stream, io.TextIOBase):
+                stream.write(line.decode("ascii"))
+            else:
+                stream.write(line)  # type: ignore[arg-type]
             stream.flush()
 
     def close(self) -> None:
@@ -83,7 +128,7 @@ class StreamSink:
 
 
 class FileSink:
-    """Appends one JSON line per record to a file, each with one write(2), so
+    """Appends each line to a file with one write(2), so
     lines from several processes appending to the same file do not interleave.
     The file is created 0640 and never followed through a symlink."""
 
@@ -94,23 +139,22 @@ class FileSink:
             self._fd: int | None = os.open(path, flags, 0o640)
         except OSError as exc:
             why = "it is a symlink" if exc.errno == errno.ELOOP else exc.strerror
-            raise AuditLogError(f"cannot open audit log {path}: {why}") from None
+            raise AuditLogError(Exit.USAGE, f"cannot open audit log {path}: {why}") from None
         self._lock = threading.Lock()
 
-    def __call__(self, rec: dict[str, Any]) -> None:
-        line = auditrecord.encode(rec)
+    def __call__(self, line: bytes) -> None:
         with self._lock:
             if self._fd is None:
-                raise AuditLogError(f"audit log {self.path} is closed", UNAVAILABLE)
+                raise AuditLogError(UNAVAILABLE, f"audit log {self.path} is closed")
             try:
                 written = os.write(self._fd, line)
             except OSError as exc:
                 raise AuditLogError(
-                    f"cannot write to audit log {self.path}: {exc.strerror}", UNAVAILABLE
+                    UNAVAILABLE, f"cannot write to audit log {self.path}: {exc.strerror}"
                 ) from None
             if written != len(line):  # a full disk can cut a write short
                 raise AuditLogError(
-                    f"cannot write to audit log {self.path}: short write", UNAVAILABLE
+                    UNAVAILABLE, f"cannot write to audit log {self.path}: short write"
                 )
 
     def close(self) -> None:
@@ -121,12 +165,12 @@ class FileSink:
 
 
 class SyslogSink:
-    """Each record as one syslog message (the JSON line without its newline),
+    """Each line as one syslog message (the JSON line without its newline),
     ident "privsock", facility AUTHPRIV: grants at INFO, the rest at WARNING.
 
     It writes the datagram to /dev/log itself, in the RFC 3164 form glibc's
     syslog(3) uses, because syslog(3) drops a message it cannot deliver without
-    a word: a record that does not reach the socket raises AuditLogError. One
+    a word: a line that does not reach the socket raises AuditLogError. One
     reconnect is tried first, as the daemon may have restarted."""
 
     def __init__(self, facility: int = syslog.LOG_AUTHPRIV, address: str = "/dev/log") -> None:
@@ -139,7 +183,7 @@ class SyslogSink:
             self._sock = self._connect()
         except OSError as exc:
             raise AuditLogError(
-                f"cannot reach syslog at {address}: {exc.strerror}", UNAVAILABLE
+                UNAVAILABLE, f"cannot reach syslog at {address}: {exc.strerror}"
             ) from None
 
     def _connect(self) -> socket.socket:
@@ -151,15 +195,14 @@ class SyslogSink:
             raise
         return sock
 
-    def __call__(self, rec: dict[str, Any]) -> None:
-        priority = syslog.LOG_INFO if rec.get("decision") in _ROUTINE else syslog.LOG_WARNING
+    def __call__(self, line: bytes) -> None:
+        priority = syslog.LOG_INFO if routine(line) else syslog.LOG_WARNING
         stamp = time.strftime("%b %e %H:%M:%S")
-        line = auditrecord.encode(rec).decode("ascii").rstrip("\n")
-        message = f"<{self.facility | priority}>{stamp} privsock[{os.getpid()}]: {line}"
-        data = message.encode("ascii")
+        head = f"<{self.facility | priority}>{stamp} privsock[{os.getpid()}]: "
+        data = head.encode("ascii") + line.rstrip(b"\n")
         with self._lock:
             if self._closed:
-                raise AuditLogError(f"audit log syslog ({self.address}) is closed", UNAVAILABLE)
+                raise AuditLogError(UNAVAILABLE, f"audit log syslog ({self.address}) is closed")
             for _ in range(2):  # the daemon may have restarted: reconnect once
                 try:
                     if self._sock is None:
@@ -172,8 +215,8 @@ class SyslogSink:
                         self._sock.close()
                         self._sock = None
             raise AuditLogError(
-                f"cannot deliver an audit record to syslog at {self.address}: {error.strerror}",
                 UNAVAILABLE,
+                f"cannot deliver an audit record to syslog at {self.address}: {error.strerror}",
             )
 
     def close(self) -> None:
@@ -196,6 +239,8 @@ def open_sink(spec: str) -> Sink:
     if spec.startswith("file:"):
         path = spec[len("file:") :]
         if not path:
-            raise AuditLogError("--audit-log file: needs a path, as in file:/var/log/privsock.log")
+            raise AuditLogError(
+                Exit.USAGE, "--audit-log file: needs a path, as in file:/var/log/privsock.log"
+            )
         return FileSink(path)
-    raise AuditLogError(f"--audit-log {spec!r}: expected {SPEC_HELP}")
+    raise AuditLogError(Exit.USAGE, f"--audit-log {spec!r}: expected {SPEC_HELP}")

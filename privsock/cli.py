@@ -99,10 +99,10 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _not_started(command: str, exc: Refusal | auditsink.AuditLogError) -> int:
+def _not_started(command: str, exc: Refusal) -> int:
     """A refusal before anything started: one line and its exit code; a bad
     --audit-log value is a usage error (exit 64, with the usage line)."""
-    if isinstance(exc, Refusal):
+    if not isinstance(exc, auditsink.AuditLogError):
         print(f"privsock: {command}: {exc}", file=sys.stderr)
         return exc.exit_code
     if exc.exit_code == Exit.USAGE:
@@ -163,7 +163,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
             target, args.command, search_path=env["PATH"], chdir=args.chdir, stay=stay
         )
         sink = auditsink.open_sink(args.audit_log)
-    except (Refusal, auditsink.AuditLogError) as exc:
+    except Refusal as exc:  # AuditLogError is one
         return _not_started("exec", exc)
     # A signal while the helper runs: close and reap it (the exec resets handlers).
     shutdown_on_signals()
@@ -193,7 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         target = dropall.resolve(args.user, args.group) if args.user is not None else None
         sink = auditsink.open_sink(args.audit_log)
-    except (Refusal, auditsink.AuditLogError) as exc:
+    except Refusal as exc:  # AuditLogError is one
         return _not_started("run", exc)
     opts = runcmd.RunOptions(
         command=args.command, policy=args.policy, connect=args.connect, target=target,

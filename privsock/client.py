@@ -8,7 +8,10 @@ hook, shutdown_on_signals) is privsock.helperprocess's job. Every wait is
 bounded. A helper that breaks the protocol, or stops answering, is killed: it
 is not trusted further.
 
-If the audit sink raises, the request fails with that exception and its
+The audit sink takes the bytes of each line: the helper's are forwarded as
+it wrote them (privsock.helperprocess reads them once the reply is in, since
+the helper writes a request's line before its reply), then the boss's own. If
+the sink raises for either, the request fails with that exception and its
 socket is closed: no grant goes unlogged.
 
 Life cycle: use it as a context manager (``with SocketCreator(policy) as c:``),
@@ -18,7 +21,6 @@ or call close().
 from __future__ import annotations
 
 import array
-import dataclasses
 import ipaddress
 import os
 import socket
@@ -193,11 +195,10 @@ class SocketCreator:
     def create_from(self, create: protocol.Create) -> socket.socket:
         """The socket for a request from arguments.build_create (sent under a
         fresh request id)."""
-        what = arguments.spec(create)
-        tr, addr = create.transport, create.address
+        tr, addr, port, opts = create.transport, create.address, create.port, create.options
         with self._lock:
             self._ensure_helper()
-            req = dataclasses.replace(create, request_id=self._new_id())
+            req = protocol.Create(self._new_id(), tr, addr, port, opts)
             reply, fd = self._exchange(req, self.reply_timeout)
             # A socket-activated helper's bucket starts empty (a reconnect must buy
             # no burst): wait for its first tokens rather than fail, up to a bound.
@@ -208,16 +209,17 @@ class SocketCreator:
                 self._log_boss(req, reply)
                 time.sleep(reply.detail / 1000)
                 waited += reply.detail / 1000
-                req = dataclasses.replace(create, request_id=self._new_id())
+                req = protocol.Create(self._new_id(), tr, addr, port, opts)
                 reply, fd = self._exchange(req, self.reply_timeout)
         if fd is None:
             self._log_boss(req, reply)
-            raise self._error(reply, what)
+            raise self._error(reply, arguments.spec(create))
         sock = socket.socket(fileno=fd)
         family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
         kind = socket.SOCK_DGRAM if tr is Transport.UDP else socket.SOCK_STREAM
         if sock.family != family or sock.type != kind:
             sock.close()
+            what = arguments.spec(create)
             self._kill(f"sent a {sock.family.name}/{sock.type.name} socket for {what}")
         # Bound where asked: a socket bound elsewhere (or not at all, which a
         # later listen() would bind to a random port) is not what was granted.
@@ -225,7 +227,7 @@ class SocketCreator:
         if bound != (addr, create.port):
             sock.close()
             where = "no address" if bound is None else f"{bound[0]} port {bound[1]}"
-            self._kill(f"sent a socket bound to {where} for {what}")
+            self._kill(f"sent a socket bound to {where} for {arguments.spec(create)}")
         try:
             self._log_boss(req, reply)
         except BaseException:
@@ -312,14 +314,15 @@ class SocketCreator:
 
     def _log_boss(self, req: Request, reply: Reply) -> None:
         """The boss's own audit line for a reply, so the log holds both sides."""
-        if self.audit_sink is None:
+        sink = self.audit_sink
+        if sink is None:
             return
         reason: str | None = None
         if reply.reason is not None:
             reason = reply.reason.name.lower()
         elif reply.stage is not None:
             reason = reply.stage.name.lower()
-        self.audit_sink(auditrecord.record(
+        sink(auditrecord.line(
             now=time.time(), side="boss", pid=os.getpid(), request_id=req.request_id,
             request=req, decision=_DECISIONS[reply.status], reason=reason,
             errno=reply.detail if reply.status is Status.OS_ERROR else None,

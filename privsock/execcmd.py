@@ -38,9 +38,9 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import NoReturn
 
-from privsock import arguments, detach, dropall
+from privsock import arguments, auditsink, detach, dropall
 from privsock.auditsink import AuditLogError, Sink
 from privsock.client import SocketCreator
 from privsock.errors import (
@@ -202,17 +202,11 @@ def _create(
             raise
 
 
-def _naming(
-    sink: Sink, names: tuple[str, Sequence[str]] | None
-) -> Callable[[dict[str, Any]], None]:
+def _naming(sink: Sink, names: tuple[str, Sequence[str]] | None) -> Callable[[bytes], None]:
     """``sink``, with the boss's own lines naming the user and the command."""
-
-    def write(rec: dict[str, Any]) -> None:
-        if names is not None and rec["side"] == "boss":
-            rec = {**rec, "user": names[0], "command": list(names[1])}
-        sink(rec)
-
-    return write
+    if names is None:
+        return sink
+    return auditsink.naming_boss_lines(sink, names[0], names[1])
 
 
 def acquire(

@@ -25,7 +25,6 @@ import sys
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 from privsock import spawner
 from privsock.errors import (
@@ -36,10 +35,16 @@ from privsock.errors import (
     HelperStartError,
     HelperUnreachable,
 )
-from privsock.helper import auditrecord
 
-# Takes one audit record (privsock.helper.auditrecord), the helper's or the boss's.
-AuditSink = Callable[[dict[str, Any]], None]
+# Takes the bytes of one audit line (privsock.helper.auditrecord's format, one
+# JSON object and a newline), the helper's as it wrote it or the boss's own.
+AuditSink = Callable[[bytes], None]
+
+# How every audit line starts (auditrecord.FIELDS: "time" first); the helper's
+# other stderr lines start "privsock-helper: ".
+AUDIT_LINE_START = b'{"time":"'
+# One read takes all a reply's lines; a full buffer means there may be more.
+_READ = 65536
 
 HELPER_MODULE = "privsock.helper.main"
 # What the helper may see of our environment: nothing of ours, and -I makes
@@ -91,7 +96,7 @@ def default_helper_argv() -> list[str]:
 class HelperProcess:
     """One helper at a time: ``policy`` (start it as a child) or ``connect``
     (a socket-activated helper: no child process, and a restart is a reconnect).
-    ``audit_sink`` gets each of the helper's audit records."""
+    ``audit_sink`` gets each of the helper's audit lines, as bytes."""
 
     def __init__(
         self,
@@ -272,16 +277,21 @@ class HelperProcess:
         fd = self._stderr
         if fd is None:
             return
+        # The helper writes a request's line before its reply, so once the reply
+        # is here so is the line: one read takes it, and a read that does not
+        # fill the buffer has emptied the pipe (no second read to see EAGAIN).
         chunks = [self._partial]
         while True:
             try:
-                chunk = os.read(fd, 65536)
+                chunk = os.read(fd, _READ)
             except BlockingIOError:
                 break
             if not chunk:
                 final = True
                 break
             chunks.append(chunk)
+            if len(chunk) < _READ and not final:
+                break
         *lines, self._partial = b"".join(chunks).split(b"\n")
         if final:
             lines.append(self._partial)
@@ -289,17 +299,11 @@ class HelperProcess:
             assert self.proc is not None and self.proc.stderr is not None
             self.proc.stderr.close()
             self._stderr = None
+        sink = self.audit_sink
         for raw in lines:
-            if raw:
-                self._stderr_line(raw.decode("utf-8", "replace"))
-
-    def _stderr_line(self, line: str) -> None:
-        if self.audit_sink is None and line.startswith("{"):
-            return  # an audit line nobody wants: not worth parsing
-        try:
-            rec = auditrecord.parse(line)
-        except ValueError:
-            self._messages.append(line.removeprefix("privsock-helper: "))
-            return
-        if self.audit_sink is not None:
-            self.audit_sink(rec)
+            if raw.startswith(AUDIT_LINE_START):
+                if sink is not None:
+                    sink(raw + b"\n")  # the helper's bytes, not parsed or re-encoded
+            elif raw:
+                text = raw.decode("utf-8", "replace")
+                self._messages.append(text.removeprefix("privsock-helper: "))

@@ -24,6 +24,7 @@ from hypothesis.stateful import (
 from privsock.allocator import PairError, Share, ShareError, SocketAllocator
 from privsock.client import SocketCreator
 from privsock.errors import CreatorOSError, HelperDied, PolicyDenied
+from tests.auditlines import parsed
 
 from .conftest import TEST_POLICY
 
@@ -47,7 +48,8 @@ def module_creator(
     policy.write_text(TEST_POLICY)
     policy.chmod(0o644)
 
-    def sink(rec: dict[str, Any]) -> None:
+    def sink(line: bytes) -> None:
+        rec = parsed(line)
         if rec["side"] == "boss" and rec["decision"] == "granted":
             granted.append(rec)
 

@@ -19,6 +19,7 @@ from privsock.auditsink import UNAVAILABLE, AuditLogError, SyslogSink
 from privsock.client import SocketCreator
 from privsock.helper import auditrecord, protocol
 from privsock.helper.protocol import Transport
+from tests.auditlines import parsed
 
 PRIVSOCK = str(Path(sys.executable).with_name("privsock"))
 
@@ -38,14 +39,16 @@ def port_is_free(transport: str, port: int) -> bool:
 
 
 class BrokenSink:
-    """Logs everything but the boss's own line for a grant, which it cannot deliver."""
+    """Logs every line but one side's line for a grant, which it cannot deliver."""
 
-    def __init__(self) -> None:
+    def __init__(self, side: str = "boss") -> None:
+        self.side = side
         self.records: list[dict[str, Any]] = []
 
-    def __call__(self, rec: dict[str, Any]) -> None:
-        if rec["side"] == "boss" and rec["decision"] == "granted":
-            raise AuditLogError("disk full", UNAVAILABLE)
+    def __call__(self, line: bytes) -> None:
+        rec = parsed(line)
+        if rec["side"] == self.side and rec["decision"] == "granted":
+            raise AuditLogError(UNAVAILABLE, "disk full")
         self.records.append(rec)
 
 
@@ -69,11 +72,30 @@ def test_a_grant_the_boss_cannot_log_is_closed(
     assert [r["decision"] for r in helper] == ["granted"]
 
 
-def _record() -> dict[str, Any]:
+@pytest.mark.root
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_a_grant_whose_helper_line_cannot_be_logged_is_closed(
+    root: None, test_policy: Path, transport: str
+) -> None:
+    """The helper's own line for the grant is forwarded before create() returns,
+    and a sink that fails on it means no socket: the fd that came with the
+    reply is closed, and the boss's line is never written."""
+    sink = BrokenSink("helper")
+    with SocketCreator(str(test_policy), audit_sink=sink) as creator:
+        before = open_fds()
+        with pytest.raises(AuditLogError, match="disk full"):
+            creator.create(transport, "127.0.0.1", 1013)
+        assert open_fds() == before
+        creator.ping()
+        assert port_is_free(transport, 1013)
+    assert [r for r in sink.records if r["op"] == "CREATE"] == []
+
+
+def _record() -> bytes:
     req = protocol.Create(3, Transport.UDP, ipaddress.ip_address("127.0.0.1"), 53)
-    return auditrecord.record(
+    return auditrecord.encode(auditrecord.record(
         now=1_800_000_000.0, side="boss", pid=1, request_id=3, request=req, decision="granted"
-    )
+    ))  # fmt: skip
 
 
 @pytest.fixture

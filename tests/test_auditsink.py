@@ -15,17 +15,29 @@ from typing import Any
 
 import pytest
 
-from privsock.auditsink import AuditLogError, FileSink, StreamSink, open_sink
+from privsock.auditsink import (
+    AuditLogError,
+    FileSink,
+    StreamSink,
+    naming_boss_lines,
+    open_sink,
+    routine,
+)
 from privsock.helper import auditrecord, protocol
 from privsock.helper.protocol import Transport
 
 
-def rec(decision: str = "granted", port: int = 53) -> dict[str, Any]:
+def record(decision: str = "granted", port: int = 53) -> dict[str, Any]:
     req = protocol.Create(7, Transport.UDP, ipaddress.ip_address("127.0.0.1"), port)
     return auditrecord.record(
         now=1_800_000_000.25, side="boss", pid=42, request_id=7, request=req,
         decision=decision, reason="port" if decision == "denied" else None,
     )  # fmt: skip
+
+
+def rec(decision: str = "granted", port: int = 53) -> bytes:
+    """A line as a sink is given it: bytes, one JSON object and its newline."""
+    return auditrecord.encode(record(decision, port))
 
 
 def test_stream_sink_writes_one_parseable_line_per_record() -> None:
@@ -44,7 +56,7 @@ def test_file_sink_appends_flushed_lines(tmp_path: Path) -> None:
     sink = FileSink(str(path))
     sink(rec())
     # Readable at once, before close: nothing waits in a buffer.
-    assert path.read_text().splitlines()[1:] == [auditrecord.encode(rec()).decode().rstrip()]
+    assert path.read_bytes().splitlines(keepends=True)[1:] == [rec()]
     sink(rec("denied", 22))
     sink.close()
     lines = path.read_text().splitlines()
@@ -98,8 +110,8 @@ log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 log.bind("/dev/log")
 log.settimeout(10)
 sink = SyslogSink()
-for line in sys.stdin:
-    sink(auditrecord.parse(line))
+for line in sys.stdin.buffer:
+    sink(line)
     print(log.recv(65536).decode(), flush=True)
 sink.close()
 """
@@ -109,7 +121,7 @@ sink.close()
 def test_syslog_sink_sends_one_authpriv_message_per_record() -> None:
     unshare = shutil.which("unshare")
     assert unshare is not None, "util-linux unshare is needed for this test"
-    lines = auditrecord.encode(rec()) + auditrecord.encode(rec("denied", 22))
+    lines = rec() + rec("denied", 22)
     result = subprocess.run(
         [unshare, "--mount", "--propagation", "private", sys.executable, "-c",
          textwrap.dedent(SYSLOG_PROBE)],
@@ -127,3 +139,32 @@ def test_syslog_sink_sends_one_authpriv_message_per_record() -> None:
         head, _, body = message.partition(": ")
         assert head.endswith("]") and " privsock[" in head
         assert auditrecord.parse(body)["decision"] == decision
+
+
+def test_stream_sink_passes_the_bytes_to_a_binary_stream() -> None:
+    out = io.BytesIO()
+    StreamSink(out)(rec())
+    assert out.getvalue() == rec()
+
+
+def test_routine_reads_only_the_decision_field() -> None:
+    """Grants and pongs are routine (INFO); the bytes that say so cannot be
+    forged from inside a string value, whose quotes are escaped."""
+    req = protocol.Create(7, Transport.UDP, ipaddress.ip_address("127.0.0.1"), 53)
+    for decision in ("granted", "pong", "denied", "rate_limited", "malformed", "os_error"):
+        line = auditrecord.encode(auditrecord.record(
+            now=1.0, side="helper", pid=1, request_id=7, request=req, decision=decision,
+            reason=',"decision":"granted",', rule=',"decision":"pong",',
+        ))  # fmt: skip
+        assert routine(line) == (decision in ("granted", "pong")), decision
+
+
+@pytest.mark.parametrize("command", [["/bin/true"], ["/x", 'a "quoted", arg', "caf\u00e9", "\n"]])
+def test_naming_boss_lines_fills_in_the_boss_lines_only(command: list[str]) -> None:
+    seen: list[bytes] = []
+    sink = naming_boss_lines(seen.append, "privsock-demo", command)
+    helper = auditrecord.encode({**record(), "side": "helper"})
+    sink(helper)
+    sink(rec())
+    assert seen[0] == helper
+    assert seen[1] == auditrecord.encode({**record(), "user": "privsock-demo", "command": command})

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from privsock import SocketCreator
+from tests.auditlines import parsed
 
 from .conftest import REPO
 
@@ -73,7 +74,10 @@ def test_the_boss_reads_audit_lines_without_a_thread(test_policy: Path) -> None:
     assert "no reader thread" in _text(REPO / "docs" / "audit-log.md")
     lines: list[str] = []
     before = set(threading.enumerate())
-    with SocketCreator(str(test_policy), audit_sink=lambda rec: lines.append(rec["side"])) as c:
+    def sink(line: bytes) -> None:
+        lines.append(parsed(line)["side"])
+
+    with SocketCreator(str(test_policy), audit_sink=sink) as c:
         c.create("udp", "127.0.0.1", 53).close()
         new = [t.name for t in set(threading.enumerate()) - before]
     assert all(name.startswith("privsock-spawner") for name in new), new

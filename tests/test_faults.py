@@ -36,6 +36,7 @@ from privsock.errors import (
 from privsock.helper.exitcodes import Exit
 from privsock.helper.protocol import Stage
 from privsock.helperprocess import HELPER_ENV
+from tests.auditlines import Records
 
 from .helper_proc import gone
 from .test_supervision import SYS_POLL, SYS_RECVMSG, wait_in_syscall
@@ -261,7 +262,7 @@ def _sig_caught(pid: int) -> int:
 
 
 def test_eintr_storms_on_both_sides_lose_and_duplicate_nothing(policy: Path) -> None:
-    records: list[dict[str, Any]] = []
+    records = Records()
     handled = [0]
     sent_to_helper = [0]
     stop = threading.Event()
@@ -269,7 +270,7 @@ def test_eintr_storms_on_both_sides_lose_and_duplicate_nothing(policy: Path) -> 
     def on_signal(signum: int, frame: object) -> None:
         handled[0] += 1
 
-    with creator_for(policy, audit_sink=records.append, reply_timeout=BOUND) as c:
+    with creator_for(policy, audit_sink=records, reply_timeout=BOUND) as c:
         helper = c.pid
         assert helper is not None
         # The helper catches no signal, so none can interrupt its recvmsg/sendmsg
@@ -437,12 +438,12 @@ os._exit(os.waitstatus_to_exitcode(status))
 
 @pytest.mark.parametrize("case", ["EADDRINUSE", "EACCES"])
 def test_os_errors_reach_the_caller_with_errno_and_stage(policy: Path, case: str) -> None:
-    records: list[dict[str, Any]] = []
+    records = Records()
     if case == "EACCES":
         argv = [sys.executable, "-I", "-c", USERNS_LAUNCHER, *livehelper.HELPER]
     else:
         argv = livehelper.netns_argv()
-    with SocketCreator(str(policy), helper_argv=argv, audit_sink=records.append) as c:
+    with SocketCreator(str(policy), helper_argv=argv, audit_sink=records) as c:
         held = None
         if case == "EADDRINUSE":
             held = c.create("udp", "127.0.0.1", 1002)  # no SO_REUSEADDR/PORT

@@ -13,7 +13,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -22,6 +21,7 @@ from privsock.errors import PolicyDenied
 from privsock.helper import auditrecord
 from privsock.helper.exitcodes import Exit
 from privsock.helperprocess import HELPER_ENV, default_helper_argv
+from tests.auditlines import Records
 
 from .helper_proc import HelperChannel, gone
 from .nonroot import AS_PRIVSOCK, NON_ROOT_START, readable_policy
@@ -233,8 +233,8 @@ def test_helper_keeps_no_socket_it_handed_out(creator: SocketCreator) -> None:
 
 
 def test_helper_logs_every_decision(root: None, test_policy: Path) -> None:
-    records: list[dict[str, Any]] = []
-    with SocketCreator(str(test_policy), audit_sink=records.append) as c:
+    records = Records()
+    with SocketCreator(str(test_policy), audit_sink=records) as c:
         helper_pid = c.pid
         c.create("udp", "127.0.0.1", 53).close()
         with pytest.raises(PolicyDenied):

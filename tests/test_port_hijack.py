@@ -20,6 +20,7 @@ from privsock.client import SocketCreator
 from privsock.errors import CreatorOSError, HelperStartError, PolicyDenied
 from privsock.helper.exitcodes import Exit
 from privsock.helper.protocol import Reason, Stage
+from tests.auditlines import Records
 
 from .conftest import DEFAULT_POLICY
 
@@ -85,8 +86,8 @@ def test_the_kernel_really_lets_another_user_take_a_udp_reuseaddr_port(root: Non
 
 
 def test_the_default_policy_never_hands_out_a_hijacking_socket(victim: socket.socket) -> None:
-    records: list[dict[str, object]] = []
-    with SocketCreator(str(DEFAULT_POLICY), audit_sink=records.append) as creator:
+    records = Records()
+    with SocketCreator(str(DEFAULT_POLICY), audit_sink=records) as creator:
         with pytest.raises(PolicyDenied) as denied:
             creator.create("udp", LOOPBACK, 53, reuseaddr=True)
         assert denied.value.reason is Reason.OPTION

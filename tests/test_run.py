@@ -29,9 +29,11 @@ from privsock.auditsink import AuditLogError
 from privsock.client import SocketCreator
 from privsock.execenv import SAFE_PATH
 from privsock.helper import auditrecord, caps
+from privsock.helper.exitcodes import Exit
 from privsock.helperprocess import HELPER_ENV, default_helper_argv
 from privsock.run import kernel
 from privsock.run.supervise import Supervisor
+from tests.auditlines import Records, parsed
 
 from .conftest import TEST_POLICY, unavailable
 from .helper_proc import running
@@ -850,10 +852,10 @@ def test_a_stale_notification_is_dropped_before_the_helper_is_asked(test_policy:
         os.waitpid(pid, 0)
         assert decoy.stdout is not None
         fd, address = map(int, decoy.stdout.readline().split())
-        records: list[dict[str, Any]] = []
-        with SocketCreator(str(test_policy), audit_sink=records.append) as creator:
+        records = Records()
+        with SocketCreator(str(test_policy), audit_sink=records) as creator:
             sup = Supervisor(listener=listener, arch=arch, creator=creator,
-                             audit_sink=records.append)  # fmt: skip
+                             audit_sink=records)  # fmt: skip
             sup.handle(dataclasses.replace(n, pid=decoy.pid, args=(fd, address, 16, 0, 0, 0)))
         assert sup.counters.dropped == 1
         assert sup.counters.delivered == 0
@@ -901,9 +903,9 @@ def test_an_audit_log_failure_refuses_the_bind_and_the_supervisor_goes_on(
     theirs.close()
     _, (listener,), _, _ = socket.recv_fds(ours, 1, 1)
 
-    def sink(record: dict[str, Any]) -> None:
-        if fails_on(record):
-            raise AuditLogError("audit log file:/x: No space left on device", 69)
+    def sink(line: bytes) -> None:
+        if fails_on(parsed(line)):
+            raise AuditLogError(Exit.UNAVAILABLE, "audit log file:/x: No space left on device")
 
     said: list[str] = []
     try:

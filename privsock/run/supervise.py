@@ -35,7 +35,6 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from privsock.auditsink import AuditLogError
 from privsock.client import SocketCreator
@@ -44,7 +43,7 @@ from privsock.helper import auditrecord
 from privsock.helper.protocol import Transport
 from privsock.run import bindreq, kernel, sockopts
 
-AuditSink = Callable[[dict[str, Any]], None]
+AuditSink = Callable[[bytes], None]  # one audit line (privsock.auditsink)
 
 RATE_LIMIT_WAIT = 1.0  # the longest a bind waits for a rate-limit token
 
@@ -108,7 +107,7 @@ class Supervisor:
         host, _, port = what.rpartition(":")
         rec.update(op="BIND", address=host.strip("[]"), port=int(port),
                    transport=transport.name.lower() if transport else None)  # fmt: skip
-        self.audit_sink(rec)
+        self.audit_sink(auditrecord.encode(rec))
 
     def _unlogged(self, nid: int, tgid: int, what: str, exc: AuditLogError) -> None:
         """A grant that cannot be logged is not handed out; the sink is what
