@@ -188,3 +188,27 @@ CapEff:\t0000000000000000
 CapBnd:\t0000000000000000
 CapAmb:\t0000000000000000
 """
+
+
+@contextlib.contextmanager
+def socket_activated(policy: Path, folder: Path,
+                     helper: Sequence[str] = ()) -> Iterator[Path]:  # fmt: skip
+    """A helper per connection on FOLDER/helper.sock, as systemd's Accept=yes
+    socket starts it; the socket open to every user, as privsock-clients is.
+    ``helper``: another program in place of the helper."""
+    path = folder / "helper.sock"
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "--seqpacket", "-a", "--inetd", "-l", str(path),
+         *(helper or default_helper_argv()), "--policy", str(policy)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=HELPER_ENV,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not path.exists():
+            assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
+            time.sleep(0.02)
+        path.chmod(0o666)
+        yield path
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

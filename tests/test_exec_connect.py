@@ -15,18 +15,16 @@ import re
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from privsock.helper import auditrecord
-from privsock.helperprocess import HELPER_ENV, default_helper_argv
 
 from .conftest import TEST_POLICY
+from .helper_proc import socket_activated
 from .test_exec import PRIVSOCK, PROBE, message_lines, status_field, wait_listening
 from .test_run import shared_dir  # noqa: F401 (a fixture)
 
@@ -37,30 +35,6 @@ WITH_AMBIENT_CAP = [
     "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
     "--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service", "--",
 ]  # fmt: skip
-
-
-@contextmanager
-def socket_activated(policy: Path, folder: Path,
-                     helper: Sequence[str] = ()) -> Iterator[Path]:  # fmt: skip
-    """A helper per connection on FOLDER/helper.sock, as systemd's Accept=yes
-    socket starts it; the socket open to every user, as privsock-clients is.
-    ``helper``: another program in place of the helper."""
-    path = folder / "helper.sock"
-    proc = subprocess.Popen(
-        ["systemd-socket-activate", "--seqpacket", "-a", "--inetd", "-l", str(path),
-         *(helper or default_helper_argv()), "--policy", str(policy)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=HELPER_ENV,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 10
-        while not path.exists():
-            assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
-            time.sleep(0.02)
-        path.chmod(0o666)
-        yield path
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture

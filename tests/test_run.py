@@ -30,13 +30,12 @@ from privsock.client import SocketCreator
 from privsock.execenv import SAFE_PATH
 from privsock.helper import auditrecord, caps
 from privsock.helper.exitcodes import Exit
-from privsock.helperprocess import HELPER_ENV, default_helper_argv
 from privsock.run import kernel
 from privsock.run.supervise import Supervisor
 from tests.auditlines import Records, parsed
 
 from .conftest import TEST_POLICY, unavailable
-from .helper_proc import running
+from .helper_proc import running, socket_activated
 from .test_exec import PRIVSOCK, message_lines, status_field, wait_listening
 
 pytestmark = pytest.mark.root
@@ -701,22 +700,8 @@ def test_the_environment_is_clean(test_policy: Path) -> None:
 @pytest.fixture
 def activated_helper(test_policy: Path, shared_dir: Path) -> Iterator[Path]:
     """A helper per connection, as systemd's Accept=yes socket starts it."""
-    path = shared_dir / "helper.sock"
-    proc = subprocess.Popen(
-        ["systemd-socket-activate", "--seqpacket", "-a", "--inetd", "-l", str(path),
-         *default_helper_argv(), "--policy", str(test_policy)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=HELPER_ENV,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 10
-        while not path.exists():
-            assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
-            time.sleep(0.02)
-        path.chmod(0o666)
+    with socket_activated(test_policy, shared_dir) as path:
         yield path
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_connect_as_an_unprivileged_user(activated_helper: Path) -> None:
