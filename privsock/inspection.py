@@ -8,6 +8,11 @@ what it can say of Landlock from outside.
   dropped: non-root, every uid and every gid the same (nothing to switch back
   to), no root group, no capability in any set, no_new_privs. Seccomp is not
   required: exec loads none.
+* ``connect-server``: a program ``privsock exec --connect`` started as its
+  caller: the same, except that the bounding set is not judged (an
+  unprivileged caller cannot empty it; no_new_privs keeps any exec from
+  gaining a capability from it). Only by ``--expect``: nothing in a server's
+  command line says how it was started.
 
 The profile is chosen from the process's command line (the helper runs
 ``privsock.helper.main`` or ``privsock-helper``) unless ``--expect`` names it.
@@ -20,10 +25,13 @@ import os
 from privsock.helper import landlock
 from privsock.helper.procstatus import CAP_SETS, ProcStatus, cap_names, verdict
 
-PROFILES = ("helper", "server")
+PROFILES = ("helper", "server", "connect-server")
 
 HELPER_OK = "hardened: non-root, only CAP_NET_BIND_SERVICE, no_new_privs, seccomp filter"
 SERVER_OK = "hardened: non-root, no capability in any set, no_new_privs (a dropped server)"
+CONNECT_SERVER_OK = ("hardened: non-root, no inheritable, permitted, effective or ambient "
+                     "capability, no_new_privs (a server exec --connect started; its bounding "
+                     "set is its caller's)")  # fmt: skip
 
 
 def is_helper_command(argv: list[str]) -> bool:
@@ -40,8 +48,9 @@ def choose(argv: list[str], expect: str | None) -> tuple[str, str]:
     return "server", "its command line is not the helper's; --expect helper to judge it as one"
 
 
-def server_verdict(st: ProcStatus) -> list[str]:
-    """Every way ``st`` differs from a fully dropped server; empty means dropped."""
+def server_verdict(st: ProcStatus, *, bounding: bool = True) -> list[str]:
+    """Every way ``st`` differs from a fully dropped server; empty means dropped.
+    ``bounding=False``: the bounding set is not judged (connect-server)."""
     problems: list[str] = []
     for kind, ids in (("uid", st.uids), ("gid", st.gids)):
         shown = " ".join(map(str, ids))
@@ -52,7 +61,7 @@ def server_verdict(st: ProcStatus) -> list[str]:
     if 0 in st.groups:
         problems.append(f"supplementary group 0 (root) remains: {list(st.groups)}")
     for name in CAP_SETS:
-        if have := st.caps[name]:
+        if (have := st.caps[name]) and (bounding or name != "CapBnd"):
             problems.append(f"{name} is {have:016x} ({','.join(cap_names(have))})")
     if st.no_new_privs != 1:
         problems.append("NoNewPrivs is not set")
@@ -63,6 +72,8 @@ def judge(st: ProcStatus, profile: str) -> tuple[list[str], str]:
     """(problems, the verdict's words when there are none)."""
     if profile == "helper":
         return verdict(st), HELPER_OK
+    if profile == "connect-server":
+        return server_verdict(st, bounding=False), CONNECT_SERVER_OK
     return server_verdict(st), SERVER_OK
 
 

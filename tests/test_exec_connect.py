@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 from privsock.helper import auditrecord
+from privsock.helper.procstatus import cap_names
 
 from .conftest import TEST_POLICY
 from .helper_proc import socket_activated
@@ -259,3 +261,40 @@ def test_a_socket_bound_elsewhere_is_refused(test_policy: Path, shared_dir: Path
     assert re.fullmatch(
         r"privsock: exec: privsock helper sent a socket bound to 127\.0\.0\.2 port \d+ for "
         r"tcp:127\.0\.0\.1:80; it was killed; nothing was started", line), line
+
+
+@pytest.mark.root
+def test_inspect_judges_a_connect_server_by_its_own_promise(activated_helper: Path) -> None:
+    """The server keeps its caller's (full) bounding set: `inspect --expect
+    connect-server` passes it, `--expect server` names the bounding set."""
+    proc = subprocess.Popen(
+        [PRIVSOCK, "exec", "--connect", str(activated_helper), *LISTEN, "--", sys.executable,
+         "-I", "-c", "import time; time.sleep(60)"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd="/", **NOBODY,
+    )  # fmt: skip
+    try:
+        wait_listening(proc, 80)
+        deadline = time.monotonic() + 30
+        while b"time.sleep" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the server was not exec'd"
+            time.sleep(0.02)
+        judged = {expect: subprocess.run([PRIVSOCK, "inspect", "--expect", expect,
+                                          str(proc.pid)], capture_output=True, text=True,
+                                         timeout=30, check=False)
+                  for expect in ("connect-server", "server")}  # fmt: skip
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    ok, strict = judged["connect-server"], judged["server"]
+    assert ok.returncode == 0, ok.stdout
+    assert "verdict   hardened: non-root, no inheritable, permitted, effective or ambient " \
+        "capability, no_new_privs" in ok.stdout  # fmt: skip
+    assert strict.returncode == 1, strict.stdout
+    assert [ln.strip() for ln in strict.stdout.splitlines() if ln.startswith("  - ")] == [
+        f"- CapBnd is {int(_status_of(ok.stdout, 'CapBnd'), 16):016x} "
+        f"({','.join(cap_names(int(_status_of(ok.stdout, 'CapBnd'), 16)))})"]
+
+
+def _status_of(report: str, name: str) -> str:
+    return next(ln.split()[1] for ln in report.splitlines() if ln.startswith(name + " "))

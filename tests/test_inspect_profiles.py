@@ -130,7 +130,8 @@ def test_a_root_process_fails_either_profile() -> None:
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as sleeper:
         try:
             time.sleep(0.1)
-            for expect in ([], ["--expect", "helper"], ["--expect", "server"]):
+            for expect in ([], ["--expect", "helper"], ["--expect", "server"],
+                           ["--expect", "connect-server"]):  # fmt: skip
                 result = inspect(*expect, str(sleeper.pid))
                 assert result.returncode == 1, (expect, result.stdout)
                 assert "NoNewPrivs is not set" in result.stdout
