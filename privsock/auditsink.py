@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import BinaryIO, TextIO
 
+from privsock import stdio
 from privsock.helper import auditrecord
 from privsock.helper.exitcodes import Exit, Refusal
 
@@ -106,17 +107,22 @@ class LoggingSink:
 
 
 class StreamSink:
-    """Each line on a stream (stderr by default), flushed at once. A binary
-    stream gets the bytes; a text stream (``sys.stderr``, ``io.StringIO``) gets
-    them through its ``buffer`` if it has one, decoded otherwise."""
+    """Each line on a stream, flushed at once: a binary stream gets the bytes,
+    a text stream (``io.StringIO``) gets them decoded. By default fd 2, with
+    one write(2) per line and not through sys.stderr, which the CLI makes drop
+    what it cannot write (privsock.stdio): a line stderr cannot take raises
+    AuditLogError."""
 
     def __init__(self, stream: TextIO | BinaryIO | None = None) -> None:
         self._stream = stream
         self._lock = threading.Lock()  # several SocketCreators may share one sink
 
     def __call__(self, line: bytes) -> None:
-        stream = self._stream or sys.stderr
+        stream = self._stream
         with self._lock:
+            if stream is None:
+                _write_stderr(line)
+                return
             if isinstance(stream, io.TextIOBase):
                 stream.write(line.decode("ascii"))
             else:
@@ -125,6 +131,18 @@ class StreamSink:
 
     def close(self) -> None:
         pass  # not ours to close
+
+
+def _write_stderr(line: bytes) -> None:
+    sys.stderr.flush()  # our own lines before this one
+    try:
+        written = os.write(2, line)
+    except OSError as exc:
+        raise AuditLogError(
+            UNAVAILABLE, f"cannot write audit lines to stderr: {exc.strerror}"
+        ) from None
+    if written != len(line):
+        raise AuditLogError(UNAVAILABLE, "cannot write audit lines to stderr: short write")
 
 
 class FileSink:
@@ -233,6 +251,11 @@ Sink = LoggingSink | StreamSink | FileSink | SyslogSink
 def open_sink(spec: str) -> Sink:
     """The sink for an --audit-log value; AuditLogError (one line) if it is bad."""
     if spec == "stderr":
+        if stdio.was_closed(2):
+            raise AuditLogError(
+                UNAVAILABLE, "--audit-log stderr: stderr is closed, so audit lines would be "
+                "lost; give file:PATH or syslog",
+            )  # fmt: skip
         return StreamSink()
     if spec == "syslog":
         return SyslogSink()

@@ -28,7 +28,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn, TypeVar
 
-from privsock import __version__, auditsink, dropall, execcmd, execenv, inspection
+from privsock import __version__, auditsink, dropall, execcmd, execenv, inspection, stdio
 from privsock.helper.exitcodes import Exit, Refusal
 from privsock.helper.policy import Policy
 from privsock.helper.policy_file import load_policy
@@ -78,7 +78,7 @@ def _checked(parse: Callable[[str], T]) -> Callable[[str], T]:
 
 
 def _pid(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:  # not "١٢" either
         raise argparse.ArgumentTypeError(f"{text!r} is not a process id")
     return int(text)
 
@@ -87,6 +87,13 @@ def _backlog(text: str) -> int:
     if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a backlog in 1-65535")
     return int(text)
+
+
+def _socket_path(text: str) -> str:
+    # sun_path holds 108 bytes with the terminating NUL.
+    if not text or len(os.fsencode(text)) > 107:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a unix socket path (1-107 bytes)")
+    return text
 
 
 def _seconds(text: str) -> float:
@@ -327,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--policy", metavar="FILE",
                    help=f"the helper's policy file (default {DEFAULT_POLICY})")  # fmt: skip
-    p.add_argument("--connect", metavar="PATH",
+    p.add_argument("--connect", metavar="PATH", type=_socket_path,
                    help="as an ordinary user: get the sockets from the socket-activated "
                    "helper at PATH and run CMD as yourself (no --user, --group, --groups, "
                    "--policy)")  # fmt: skip
@@ -389,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
         "or as the user with --connect to a socket-activated helper.",
     )  # fmt: skip
     p.add_argument("--policy", metavar="FILE", help="start a helper with this policy (as root)")
-    p.add_argument("--connect", metavar="PATH", help="use the socket-activated helper at PATH")
+    p.add_argument("--connect", metavar="PATH", type=_socket_path,
+                   help="use the socket-activated helper at PATH")  # fmt: skip
     p.add_argument("--user", help="run CMD (and the supervisor) as this user")
     p.add_argument("--group", help="and this group (default: USER's primary group)")
     p.add_argument("--allow", action="append", default=[], metavar="SPEC",
@@ -408,12 +416,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    stdio.sanitise()
     try:
-        args = build_parser().parse_args(argv)
-        code = args.func(args)
+        try:
+            args = build_parser().parse_args(argv)
+            code = args.func(args)
+        except SystemExit:  # --help, --version: printed, then exit 0
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()  # what a command printed: all of it, or exit 74
     except UsageError as exc:
         print(f"privsock: {exc}", file=sys.stderr)
         code = Exit.USAGE
     except KeyboardInterrupt:
         code = Exit.INTERRUPTED
+    except stdio.OutputError as exc:
+        print(f"privsock: cannot write to stdout: {exc}", file=sys.stderr)
+        stdio.silence_stdout()
+        code = stdio.IOERR
     sys.exit(code)

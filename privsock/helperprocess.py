@@ -174,7 +174,8 @@ class HelperProcess:
             chan.connect(path)
         except OSError as exc:
             chan.close()
-            raise HelperUnreachable(None, f"cannot connect to {path}: {exc.strerror}") from None
+            why = exc.strerror or str(exc)  # "AF_UNIX path too long" has no errno
+            raise HelperUnreachable(None, f"cannot connect to {path}: {why}") from None
         self.chan = chan
         _LIVE.add(self)
         return chan

@@ -86,7 +86,13 @@ def _open_checked(path: str) -> tuple[int, str]:
     """Walk ``path`` from / as described above; the open file and the path walked."""
     if not path:
         raise Refusal(Exit.NOINPUT, "the policy path is empty")
-    walk = _Walk(path if path.startswith("/") else os.getcwd() + "/" + path)
+    if not path.startswith("/"):
+        try:
+            path = os.getcwd() + "/" + path
+        except OSError as exc:  # the current directory was removed
+            raise Refusal(Exit.NOINPUT, f"{path}: a relative path, but the current directory "
+                          f"is gone ({exc.strerror}); give an absolute path") from None  # fmt: skip
+    walk = _Walk(path)
     try:
         return walk.run()
     finally:
