@@ -17,7 +17,6 @@ attack  a compromised boss: malformed requests, port 22, a flood past the
 from __future__ import annotations
 
 import argparse
-import ctypes
 import errno
 import ipaddress
 import json
@@ -42,7 +41,7 @@ from privsock.errors import (  # noqa: E402
     PolicyDenied,
     RateLimited,
 )
-from privsock.helper import protocol  # noqa: E402
+from privsock.helper import caps, protocol  # noqa: E402
 from privsock.helper.procstatus import parse_status, verdict  # noqa: E402
 from privsock.helper.protocol import Status, Transport  # noqa: E402
 from tests.helper_proc import HelperChannel  # noqa: E402
@@ -51,7 +50,6 @@ RESULT_MARK = "PRIVSOCK-RESULT "
 READY_MARK = "PRIVSOCK-READY "
 NOBODY = 65534
 WAIT = 30.0  # seconds for any one network wait; the harness bounds the whole run
-_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 
 
 def status_of(pid: int | str) -> dict[str, Any]:
@@ -90,9 +88,7 @@ def drop_boss() -> str:
         os.setresgid(NOBODY, NOBODY, NOBODY)
         os.setresuid(NOBODY, NOBODY, NOBODY)  # clears every capability set
     else:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        if libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "clearing the ambient capabilities")
+        caps.prctl(caps.PR_CAP_AMBIENT, caps.PR_CAP_AMBIENT_CLEAR_ALL)
         prctl.cap_effective.limit()
         prctl.cap_inheritable.limit()
         prctl.cap_permitted.limit()

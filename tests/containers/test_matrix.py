@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from privsock.helper.caps import NET_BIND_SERVICE_MASK
+from privsock.helper.caps import CAP_SETGID, CAP_SETPCAP, CAP_SETUID, NET_BIND_SERVICE_MASK
 from privsock.helper.exitcodes import Exit
 
 from .conftest import UserNamespace
@@ -39,7 +39,9 @@ pytestmark = pytest.mark.containers
 PRIVSOCK = pwd.getpwnam("privsock")  # the rootfs has a copy of this /etc/passwd
 NOBODY_CAPS = f"{0:016x}"
 # SETGID SETUID SETPCAP NET_BIND_SERVICE: what a root start needs (deploy/podman/run-privsock).
-MINIMUM_ROOT_CAPS = (1 << 6) | (1 << 7) | (1 << 8) | NET_BIND_SERVICE_MASK
+MINIMUM_ROOT_CAPS = (
+    (1 << CAP_SETGID) | (1 << CAP_SETUID) | (1 << CAP_SETPCAP) | NET_BIND_SERVICE_MASK
+)
 NONE = ["--network=none"]
 
 
