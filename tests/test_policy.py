@@ -10,10 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from privsock.helper.policy import Decision, Policy, RateLimit, Rule, decide
+from privsock.helper.policy import Decision, Peer, Policy, RateLimit, Rule, decide, judge, rules_for
 from privsock.helper.policyparse import PolicyError, parse_policy
 from privsock.helper.protocol import Create, Option, Reason, Transport
 from privsock.policyview import describe, warnings
+from tests import legacy_helper
 
 POLICY_DIR = Path(__file__).resolve().parent.parent / "policy"
 
@@ -929,3 +930,68 @@ def test_property_oracle_sees_wildcard_capture() -> None:
     assert _deny_hits(deny, TCP, ipaddress.ip_address("::"), 5, NONE)
     assert not _deny_hits(deny, TCP, ipaddress.ip_address("::"), 5, V6)
     assert _deny_hits(deny, TCP, ipaddress.ip_address("::ffff:10.0.0.1"), 5, NONE)
+
+
+# ---------------------------------------------------------------------------
+# decide against the previous implementation (tests/legacy_helper.py), with
+# rules for some users and groups, unresolved names and unknown peers
+
+_names = st.sampled_from([(), ("alice",), ("alice", "bob")])
+_ids = st.none() | st.frozensets(st.integers(0, 4), max_size=3)
+_wide_ranges = st.sampled_from([(1, 65535), (1, 1023), (5, 65535), (65535, 65535)])
+_peer_rule_fields = st.tuples(
+    st.frozensets(st.sampled_from(Transport), min_size=1),
+    st.lists(_port_ranges | _wide_ranges, min_size=1, max_size=3).map(tuple),
+    st.lists(st.sampled_from(NETWORKS), min_size=1, max_size=3, unique=True).map(tuple),
+    st.integers(0, 7).map(Option),
+    _names, _names, _ids, _ids,
+)  # fmt: skip
+
+
+def _peer_rules(kind: Literal["allow", "deny"]) -> st.SearchStrategy[tuple[Rule, ...]]:
+    return st.lists(_peer_rule_fields, max_size=4).map(
+        lambda specs: tuple(
+            Rule(i, kind, t, p, n, o if kind == "allow" else NONE, users, groups, uids, gids)
+            for i, (t, p, n, o, users, groups, uids, gids) in enumerate(specs)
+        )
+    )
+
+
+peer_policies = st.builds(
+    Policy, st.just("privsock"), st.just("privsock"), st.just(RateLimit(1.0, 1)),
+    _peer_rules("allow"), _peer_rules("deny"),
+)  # fmt: skip
+peers = st.none() | st.builds(
+    Peer, st.integers(0, 4), st.integers(0, 4), st.just(1),
+    st.none() | st.frozensets(st.integers(0, 4), max_size=3),
+)  # fmt: skip
+
+
+@given(
+    peer_policies,
+    peers,
+    st.sampled_from(Transport),
+    st.sampled_from(ADDRESSES) | st.ip_addresses(),
+    st.integers(1, 17) | st.sampled_from([1022, 1023, 1024, 65534, 65535]),
+    st.integers(0, 7).map(Option),
+)
+@settings(max_examples=1000)
+def test_decide_is_the_previous_decide(
+    policy: Policy,
+    peer: Peer | None,
+    transport: Transport,
+    address: IPAddress,
+    port: int,
+    options: Option,
+) -> None:
+    create = Create(1, transport, address, port, options)
+    want = legacy_helper.decide(policy, create, peer)
+    assert decide(policy, create, peer) == want
+    assert judge(rules_for(policy, peer), create) == want
+
+
+def test_rules_for_cuts_ports_at_every_range_end() -> None:
+    rule = Rule(0, "allow", frozenset({TCP}), ((53, 53), (80, 90)), _ANYWHERE, NONE)
+    rules = rules_for(Policy("privsock", "privsock", RateLimit(1.0, 1), (rule,), ()), None)
+    assert rules.starts == (0, 53, 54, 80, 91)
+    assert [len(allows) for _, allows in rules.rules] == [0, 1, 0, 1, 0]

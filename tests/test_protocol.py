@@ -7,9 +7,10 @@ import array
 import ipaddress
 import itertools
 import socket
+from collections.abc import Callable
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from privsock.helper.protocol import (
@@ -43,6 +44,7 @@ from privsock.helper.protocol import (
     received_fds,
     reply_carries_fd,
 )
+from tests import legacy_helper
 
 V4 = ipaddress.IPv4Address("192.0.2.10")
 V6 = ipaddress.IPv6Address("2001:db8::1")
@@ -603,6 +605,44 @@ def test_decode_request_plausible_bytes(op: int, body: bytes, reserved: bytes) -
         assert exc.request_id == int.from_bytes(data[4:8], "big")
     else:
         assert encode_request(req) == data
+
+
+def _decoded(decode: Callable[[bytes], Request], data: bytes) -> object:
+    """What ``decode`` makes of ``data``: the request, or the error's text and id."""
+    try:
+        return decode(data)
+    except ProtocolError as exc:
+        return (str(exc), exc.request_id)
+
+
+def _flip(data: bytes, bit: int) -> bytes:
+    flipped = bytearray(data)
+    flipped[bit // 8] ^= 1 << bit % 8
+    return bytes(flipped)
+
+
+_noisy = st.one_of(
+    st.binary(max_size=40),
+    st.builds(
+        lambda op, body: b"PS\x01" + bytes([op]) + body,
+        st.sampled_from([1, 2, 0, 3]),
+        st.lists(st.sampled_from([0, 0, 0, 1, 2, 4, 6, 7, 8, 0xFF]), min_size=28, max_size=28).map(
+            bytes
+        ),
+    ),
+    st.builds(_flip, valid_requests().map(encode_request), st.integers(0, REQUEST_SIZE * 8 - 1)),
+)
+
+
+@given(_noisy)
+@settings(max_examples=2000)
+def test_decode_request_is_the_previous_decoder(data: bytes) -> None:
+    """The same request, or the same error text and id, as tests/legacy_helper.py."""
+    got = _decoded(decode_request, data)
+    assert got == _decoded(legacy_helper.decode_request, data)
+    if isinstance(got, Create):  # the same types too, not just equal values
+        assert type(got.transport) is Transport and type(got.options) is Option
+        assert type(got.address) is type(legacy_helper.decode_request(data).address)  # type: ignore[union-attr]
 
 
 @given(valid_requests())

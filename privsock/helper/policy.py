@@ -41,6 +41,7 @@ sees the primary group alone and a deny rule with groups applies.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import itertools
 from collections.abc import Iterator
@@ -134,35 +135,85 @@ class Decision:
 # ---------------------------------------------------------------------------
 # Deciding
 
-# How far a request got into an allow rule; a later entry got further.
+# How far a request got into an allow rule, as an index: a later entry got further.
 _PROGRESS = (Reason.PORT, Reason.TRANSPORT, Reason.ADDRESS, Reason.OPTION)
+_TRANSPORT, _ADDRESS, _OPTION = 1, 2, 3
+_V6ONLY = int(Option.V6ONLY)
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """A rule as ``judge`` reads it: plain integers, precomputed once per peer."""
+
+    name: str
+    transports: frozenset[int]
+    networks: dict[int, tuple[tuple[int, int], ...]]  # IP version -> (base, mask)
+    grants: dict[int, int]  # transport -> the option bits an allow rule grants on it
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """The rules that apply to one peer, cut by port: ``starts`` is sorted, and the
+    ports from starts[i] up to the next start are in exactly the deny and allow
+    rules of ``rules[i]`` (each in file order)."""
+
+    starts: tuple[int, ...]
+    rules: tuple[tuple[tuple[Compiled, ...], tuple[Compiled, ...]], ...]
+
+
+def rules_for(policy: Policy, peer: Peer | None) -> Rules:
+    """What ``judge`` needs of ``policy`` for requests from ``peer``. An allow rule
+    counts only when it is for the peer; a deny rule unless it is surely not (fail
+    closed, see applies)."""
+    allow = [r for r in policy.allow if applies(r, peer)]
+    deny = [r for r in policy.deny if applies(r, peer) is not False]
+    ends = (p for r in (*allow, *deny) for low, high in r.ports for p in (low, high + 1))
+    starts = tuple(sorted({0, *ends}))
+    allow_compiled = [(r, _compile(r)) for r in allow]
+    deny_compiled = [(r, _compile(r)) for r in deny]
+    pieces = tuple(
+        (tuple(j for r, j in deny_compiled if _has_port(r, start)),
+         tuple(j for r, j in allow_compiled if _has_port(r, start)))
+        for start in starts
+    )  # fmt: skip
+    return Rules(starts, pieces)
+
+
+def _compile(rule: Rule) -> Compiled:
+    networks: dict[int, tuple[tuple[int, int], ...]] = {
+        v: tuple((int(n.network_address), int(n.netmask)) for n in rule.networks if n.version == v)
+        for v in (4, 6)
+    }
+    grants = {int(t): int(rule.options & GRANTABLE[t]) for t in Transport}
+    return Compiled(rule.name, frozenset(map(int, rule.transports)), networks, grants)
 
 
 def decide(policy: Policy, create: Create, peer: Peer | None = None) -> Decision:
     """Judge one CREATE request from ``peer``; the rules are in the module docstring."""
-    transport, port, options = create.transport, create.port, create.options
-    address = create.address
-    judged = _judged_as(address, options)
-    for rule in policy.deny:
-        # A deny rule that may be for this peer counts (fail closed).
-        if applies(rule, peer) is False:
-            continue
-        if any(_deny_matches(rule, transport, a, port) for a in judged):
+    return judge(rules_for(policy, peer), create)
+
+
+def judge(rules: Rules, create: Create) -> Decision:
+    """decide() on rules precomputed by rules_for (the helper builds them once per
+    session)."""
+    transport, port, options = int(create.transport), create.port, int(create.options)
+    judged = _judged_as(create.address, options)
+    denies, allows = rules.rules[bisect.bisect_right(rules.starts, port) - 1]
+    for rule in denies:
+        if transport in rule.transports and any(_denies(rule, v, a) for v, a in judged):
             return Decision(False, Reason.PORT, rule.name)
-    granted: list[Rule] = []
-    for a in judged:
-        furthest = Reason.PORT
-        for rule in policy.allow:
-            if not applies(rule, peer):
-                continue
-            miss = _allow_miss(rule, transport, a, port, options)
+    granted = ""
+    for version, address in judged:
+        furthest = 0  # Reason.PORT: no rule has the port
+        for rule in allows:
+            miss = _allow_miss(rule, transport, version, address, options)
             if miss is None:
-                granted.append(rule)
+                granted = granted or rule.name  # the rule for the requested address
                 break
-            furthest = max(furthest, miss, key=_PROGRESS.index)
+            furthest = max(furthest, miss)
         else:
-            return Decision(False, furthest, "default")
-    return Decision(True, None, granted[0].name)
+            return Decision(False, _PROGRESS[furthest], "default")
+    return Decision(True, None, granted)
 
 
 def applies(rule: Rule, peer: Peer | None) -> bool | None:
@@ -184,40 +235,40 @@ def applies(rule: Rule, peer: Peer | None) -> bool | None:
     return False
 
 
-def _judged_as(address: IPAddress, options: Option) -> tuple[IPAddress, ...]:
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return (address.ipv4_mapped,)
-        if address == WILDCARD_V6 and not options & Option.V6ONLY:
-            return (WILDCARD_V6, WILDCARD_V4)
-    return (address,)
+def _judged_as(address: IPAddress, options: int) -> tuple[tuple[int, int], ...]:
+    """The (IP version, address) pairs a bind of ``address`` is judged as."""
+    value = int(address)
+    if address.version == 6:
+        if value >> 32 == 0xFFFF:  # ::ffff:a.b.c.d
+            return ((4, value & 0xFFFFFFFF),)
+        if not value and not options & _V6ONLY:  # dual-stack ::
+            return ((6, 0), (4, 0))
+    return ((address.version, value),)
 
 
 def _has_port(rule: Rule, port: int) -> bool:
     return any(low <= port <= high for low, high in rule.ports)
 
 
-def _deny_matches(rule: Rule, transport: Transport, address: IPAddress, port: int) -> bool:
-    if transport not in rule.transports or not _has_port(rule, port):
-        return False
-    if address.is_unspecified:
-        return any(n.version == address.version for n in rule.networks)
-    return any(address in n for n in rule.networks)
-
-
 def _allow_miss(
-    rule: Rule, transport: Transport, address: IPAddress, port: int, options: Option
-) -> Reason | None:
-    """The first dimension in which ``rule`` does not allow the request, or None."""
-    if not _has_port(rule, port):
-        return Reason.PORT
+    rule: Compiled, transport: int, version: int, address: int, options: int
+) -> int | None:
+    """The first dimension (after the port) in which ``rule`` does not allow the
+    request, as a _PROGRESS index, or None."""
     if transport not in rule.transports:
-        return Reason.TRANSPORT
-    if not any(address in n for n in rule.networks):
-        return Reason.ADDRESS
-    if options & ~(rule.options & GRANTABLE[transport]):
-        return Reason.OPTION
+        return _TRANSPORT
+    if not any(address & mask == base for base, mask in rule.networks[version]):
+        return _ADDRESS
+    if options & ~rule.grants[transport]:
+        return _OPTION
     return None
+
+
+def _denies(rule: Compiled, version: int, address: int) -> bool:
+    networks = rule.networks[version]
+    if not address:  # the wildcard captures every address of its family
+        return bool(networks)
+    return any(address & mask == base for base, mask in networks)
 
 
 # ---------------------------------------------------------------------------

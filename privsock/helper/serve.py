@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from privsock.helper import auditrecord, protocol
-from privsock.helper.policy import Peer, Policy, decide
+from privsock.helper.policy import Peer, Policy, judge, rules_for
 from privsock.helper.protocol import Create, Option, Ping, Reply, Request, Stage, Status, Transport
 from privsock.helper.ratelimit import TokenBucket
 from privsock.helper.seccomp_filter import SIOCOUTQ
@@ -109,6 +109,8 @@ class Session:
         self.chan = chan
         self.peer = peer
         self.policy = policy
+        # What decide needs of the policy, computed once: the peer never changes.
+        self.rules = rules_for(policy, self.peer)
         # A shared (socket-activated) helper's peer may reconnect at will: its
         # bucket starts empty, so a new connection buys no burst and a user's
         # grants stay within rate x its connections (deploy/systemd/README.md).
@@ -169,7 +171,7 @@ class Session:
             self.retry_at = now + wait_ms / 1000.0
             self._audit(rid, req, "rate_limited", retry_ms=wait_ms)
             return protocol.rate_limited(rid, wait_ms), None
-        verdict = decide(self.policy, req, self.peer)
+        verdict = judge(self.rules, req)
         if not verdict.allowed:
             assert verdict.reason is not None
             self._audit(rid, req, "denied", reason=verdict.reason.name.lower(), rule=verdict.rule)
