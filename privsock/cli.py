@@ -78,13 +78,13 @@ def _checked(parse: Callable[[str], T]) -> Callable[[str], T]:
 
 
 def _pid(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:  # not "١٢" either
+    if not (text.isascii() and text.isdigit() and len(text) <= 10) or int(text) < 1:  # not "١٢"
         raise argparse.ArgumentTypeError(f"{text!r} is not a process id")
     return int(text)
 
 
 def _backlog(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
+    if not (text.isascii() and text.isdigit() and len(text) <= 5) or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a backlog in 1-65535")
     return int(text)
 

@@ -62,17 +62,33 @@ def _read_status() -> str:
         return f.read()
 
 
+def _number(text: str) -> int | None:
+    """A uid or gid given as a number: ASCII digits only (not "١٢"), at most 10
+    of them (int() refuses more than 4300); None: a name."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 10 else None
+
+
+def _passwd(user: str) -> pwd.struct_passwd:
+    uid = _number(user)
+    return pwd.getpwuid(uid) if uid is not None else pwd.getpwnam(user)
+
+
+def _gid(group: str) -> int:
+    gid = _number(group)
+    return grp.getgrgid(gid).gr_gid if gid is not None else grp.getgrnam(group).gr_gid
+
+
 def resolve(user: str, group: str | None) -> Target:
     """USER and GROUP (names or numbers; GROUP defaults to USER's primary
     group). Refuses unknown names and root."""
     try:
-        pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        pw = _passwd(user)
     except (KeyError, OverflowError):
         raise Refusal(Exit.NOUSER, f"no such user: {user!r}") from None
     gid = pw.pw_gid
     if group is not None:
         try:
-            gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+            gid = _gid(group)
         except (KeyError, OverflowError):
             raise Refusal(Exit.NOUSER, f"no such group: {group!r}") from None
     if pw.pw_uid == 0 or gid == 0:
@@ -95,8 +111,7 @@ def with_groups(target: Target, groups: Sequence[str] | None) -> Target:
         gids = []
         for name in groups:
             try:
-                gids.append(grp.getgrgid(int(name)).gr_gid if name.isdigit()
-                            else grp.getgrnam(name).gr_gid)  # fmt: skip
+                gids.append(_gid(name))
             except (KeyError, OverflowError):
                 raise Refusal(Exit.NOUSER, f"no such group: {name!r}") from None
     if 0 in gids:

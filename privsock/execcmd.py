@@ -108,7 +108,7 @@ def parse_listen(spec: str) -> Listen:
             f"{spec!r}: {host!r} is not a numeric IPv4 or IPv6 address "
             "(privsock never resolves names)"
         ) from None
-    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit() and len(port) <= 5) or not 1 <= int(port) <= 65535:
         raise ValueError(f"{spec!r}: port {port!r} is not a number in 1-65535")
     return Listen(Transport[transport.upper()], address, int(port))
 

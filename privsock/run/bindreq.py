@@ -184,6 +184,6 @@ def parse_allow(spec: str) -> AllowSpec:
             raise ValueError(f"{spec!r}: {host!r} is not a numeric IPv4 or IPv6 address") from None
         if "%" in host:  # a scoped bind is refused by decide(), so it could match nothing
             raise ValueError(f"{spec!r}: scoped addresses (%zone) are not supported")
-    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit() and len(port) <= 5) or not 1 <= int(port) <= 65535:
         raise ValueError(f"{spec!r}: port {port!r} is not a number in 1-65535")
     return AllowSpec(Transport[transport.upper()], int(port), address)
