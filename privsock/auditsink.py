@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import io
-import logging
 import os
 import socket
 import sys
@@ -24,13 +23,18 @@ import syslog
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import BinaryIO, TextIO
+from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 from privsock import stdio
 from privsock.helper import auditrecord
 from privsock.helper.exitcodes import Exit, Refusal
 
+if TYPE_CHECKING:
+    import logging
+
 SPEC_HELP = "stderr, file:PATH or syslog"
+# logging.INFO and logging.WARNING, fixed numbers (logging is loaded lazily).
+_INFO, _WARNING = 20, 30
 AUDIT_LOGGER = "privsock.audit"
 
 # Grants and pongs are routine; everything else is worth a look. A line's
@@ -94,13 +98,25 @@ class LoggingSink:
     stderr, so denials show and grants do not)."""
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
-        self.logger = logger or logging.getLogger(AUDIT_LOGGER)
+        self._logger = logger
+
+    @property
+    def logger(self) -> logging.Logger:
+        # logging is imported at the first line, not with this module: the
+        # library's default sink is built at import, and `privsock exec`,
+        # which never uses it, should not load logging for it.
+        if self._logger is None:
+            import logging  # noqa: PLC0415
+
+            self._logger = logging.getLogger(AUDIT_LOGGER)
+        return self._logger
 
     def __call__(self, line: bytes) -> None:
-        level = logging.INFO if routine(line) else logging.WARNING
-        if self.logger.isEnabledFor(level):
+        logger = self.logger
+        level = _INFO if routine(line) else _WARNING
+        if logger.isEnabledFor(level):
             text = line.decode("ascii").rstrip("\n")
-            self.logger.log(level, "%s", text, extra={"audit": auditrecord.parse(text)})
+            logger.log(level, "%s", text, extra={"audit": auditrecord.parse(text)})
 
     def close(self) -> None:
         pass  # the logging configuration is the application's

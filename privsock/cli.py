@@ -26,18 +26,23 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
+# What every command or the parser needs. The rest is imported by the command
+# that uses it (check-policy's rendering, run's supervisor), so that `privsock
+# exec` loads only what exec runs (inspect's status parser is small, and the
+# parser's --expect choices need it). Measure with
+# `python -X importtime -m privsock exec ...`.
 from privsock import __version__, auditsink, dropall, execcmd, execenv, inspection, stdio
 from privsock.helper.exitcodes import Exit, Refusal
-from privsock.helper.policy import Policy
 from privsock.helper.policy_file import load_policy
 from privsock.helper.procstatus import StatusFormatError, parse_status, report
 from privsock.helper.protocol import OPTION_NAMES, Option
 from privsock.helperprocess import shutdown_on_signals
-from privsock.policyview import describe, explain, peer_of, warnings
-from privsock.run import bindreq
-from privsock.run import command as runcmd
+
+if TYPE_CHECKING:
+    from privsock.helper.policy import Policy
+    from privsock.run.bindreq import AllowSpec
 
 # Where the Debian package installs the policy (a conffile).
 DEFAULT_POLICY = "/etc/privsock/policy.toml"
@@ -75,6 +80,12 @@ def _checked(parse: Callable[[str], T]) -> Callable[[str], T]:
 
     convert.__name__ = parse.__name__
     return convert
+
+
+def _parse_allow(text: str) -> AllowSpec:
+    from privsock.run import bindreq  # noqa: PLC0415 (run's alone: see the imports)
+
+    return bindreq.parse_allow(text)
 
 
 def _pid(text: str) -> int:
@@ -202,6 +213,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         sink = auditsink.open_sink(args.audit_log)
     except Refusal as exc:  # AuditLogError is one
         return _not_started("run", exc)
+    from privsock.run import command as runcmd  # noqa: PLC0415 (run's alone)
+
     opts = runcmd.RunOptions(
         command=args.command, policy=args.policy, connect=args.connect, target=target,
         allow=tuple(args.allow),
@@ -227,6 +240,8 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
         return exc.exit_code
     if args.as_ is not None:
         return _explain(policy, args)
+    from privsock.policyview import describe, warnings  # noqa: PLC0415 (check-policy's alone)
+
     print(f"{args.file}: OK, the helper would accept this policy")
     for line in describe(policy):
         print(f"  {line}")
@@ -236,6 +251,8 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
 
 
 def _explain(policy: Policy, args: argparse.Namespace) -> int:
+    from privsock.policyview import explain, peer_of  # noqa: PLC0415 (check-policy's alone)
+
     user, spec = args.as_
     try:
         listen = execcmd.parse_listen(spec)
@@ -401,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", help="run CMD (and the supervisor) as this user")
     p.add_argument("--group", help="and this group (default: USER's primary group)")
     p.add_argument("--allow", action="append", default=[], metavar="SPEC",
-                   type=_checked(bindreq.parse_allow),
+                   type=_checked(_parse_allow),
                    help="serve only these binds in this run: tcp:80, udp:[::]:53, "
                    "tcp:127.0.0.1:443 (repeat; default: whatever the policy grants)")  # fmt: skip
     p.add_argument(

@@ -155,3 +155,23 @@ def test_readme_lists_every_helper_exit_code() -> None:
     readme = (REPO / "README.md").read_text()
     for code, text in DESCRIPTIONS.items():
         assert f"| {int(code)} | `{code.name}` | {text} |" in readme
+
+
+def test_the_cli_loads_only_what_exec_runs() -> None:
+    """`privsock exec` starts fast: importing the CLI loads neither run's
+    supervisor nor check-policy's rendering nor the json/logging a sink of
+    exec's never uses; each is imported by the command that needs it."""
+    probe = "import sys, privsock.cli; print(' '.join(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True,
+                          check=True)  # fmt: skip
+    loaded = set(done.stdout.split())
+    assert "privsock.execcmd" in loaded
+    for lazy in ("privsock.run.command", "privsock.run.bindreq", "privsock.run.supervise",
+                 "privsock.run.kernel", "privsock.policyview"):  # fmt: skip
+        assert lazy not in loaded, lazy
+
+
+def test_python_m_privsock_is_the_cli() -> None:
+    done = subprocess.run([sys.executable, "-I", "-m", "privsock", "--version"],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert (done.returncode, done.stdout.strip()) == (0, "privsock 0.1.0")
