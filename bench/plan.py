@@ -21,6 +21,10 @@ PORT = {
     "to_c": 912, "c_helper": 913, "min_helper": 922,
 }  # fmt: skip
 PIPELINE_BASE = {"raw_helper": 904, "c_helper": 914}  # + up to 8 ports each
+# `privsock exec --listen tcp:127.0.0.1:EXEC_PORT -- /bin/true`: the issue's
+# tcp:127.0.0.1:80 on a port of the bench's own, so nothing else can hold it.
+EXEC_PORT = 929
+EXEC_USER = "nobody"  # exec refuses the helper's own user
 AUTHBIND_FILE = Path("/etc/authbind/byport") / f"!{PORT['authbind']}"  # "!" for 512-1023
 
 COMBOS = [("udp", 4), ("udp", 6), ("tcp", 4), ("tcp", 6)]

@@ -65,6 +65,7 @@ from bench.roundtrip import (
 )
 from bench.startup import (
     ALL_PORTS_POLICY,
+    exec_true,
     import_times,
     landlock_cost,
     memory,
@@ -80,7 +81,7 @@ def run_rounds(args: argparse.Namespace, lib: ctypes.CDLL, policy: Path) -> dict
     results: dict[str, Any] = {
         "round_trip": {f"{k}/{t}/{f}": [] for k, _ in KINDS for t, f in COMBOS},
         "pipelined": {f"{who}/depth{d}": [] for who, _, depths in PIPELINERS for d in depths},
-        "start_up": {"privsock": [], "c_helper": [], "python": []},
+        "start_up": {"privsock": [], "c_helper": [], "python": [], "exec_true": []},
         "landlock": {"policy": [], "all_ports": []},  # (ruleset ns, probe ns, ports)
     }
     with contextlib.ExitStack() as stack:
@@ -127,6 +128,7 @@ def run_rounds(args: argparse.Namespace, lib: ctypes.CDLL, policy: Path) -> dict
             ("start_up", "privsock", lambda: start_privsock(policy)),
             ("start_up", "c_helper", start_c_helper),
             ("start_up", "python", start_python),
+            ("start_up", "exec_true", lambda: exec_true(policy)),
             ("landlock", "policy", lambda: landlock_cost(policy.read_text())),
             ("landlock", "all_ports", lambda: landlock_cost(ALL_PORTS_POLICY)),
         ]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.fixtures import RawHelper
-from bench.plan import BUILD, BenchError
+from bench.plan import BUILD, EXEC_PORT, EXEC_USER, REPO, BenchError
 from privsock.client import SocketCreator
 from privsock.helperprocess import HELPER_ENV
 
@@ -30,6 +30,20 @@ def start_c_helper() -> int:
     helper = RawHelper([str(BUILD / "ref_helper")])
     elapsed = time.perf_counter_ns() - t0
     helper.close()
+    return elapsed
+
+
+def exec_true(policy: Path) -> int:
+    """Wall time of a whole `privsock exec ... -- /bin/true`: the boss's start
+    and imports, the helper's hardened start-up, one grant, the drop, the exec."""
+    argv = [str(REPO / ".venv" / "bin" / "privsock"), "exec", "--policy", str(policy),
+            "--user", EXEC_USER, "--listen", f"tcp:127.0.0.1:{EXEC_PORT}", "--", "/bin/true"]
+    t0 = time.perf_counter_ns()
+    done = subprocess.run(argv, capture_output=True, check=False)
+    elapsed = time.perf_counter_ns() - t0
+    if done.returncode != 0:
+        raise BenchError(f"privsock exec ... -- /bin/true: exit {done.returncode}: "
+                         f"{done.stderr[-300:]!r}")  # fmt: skip
     return elapsed
 
 
