@@ -37,6 +37,7 @@ import socket
 import time
 from typing import Any
 
+from privsock.helper import jsontext
 from privsock.helper.protocol import OPTION_NAMES, Create, Option, Ping, Request
 
 FIELDS = (
@@ -70,34 +71,10 @@ def rfc3339(now: float) -> str:
     return f"{_second(seconds)}.{micros:06d}Z"
 
 
-# JSON string escapes as json.dumps writes them (ensure_ascii): the two-letter
-# forms, \u00XX for the other control characters and DEL, \uXXXX (a surrogate pair
-# above U+FFFF) for everything outside ASCII. A malformed request's reason
-# quotes the bytes a hostile boss sent, so every string goes through this.
-_ESCAPES = {c: f"\\u{c:04x}" for c in (*range(0x20), 0x7F)} | {
-    0x22: '\\"', 0x5C: "\\\\", 0x08: "\\b", 0x09: "\\t", 0x0A: "\\n", 0x0C: "\\f",
-    0x0D: "\\r",
-}  # fmt: skip
-
-
-def _non_ascii(c: str) -> str:
-    n = ord(c)
-    if n < 0x80:
-        return c
-    if n < 0x10000:
-        return f"\\u{n:04x}"
-    n -= 0x10000
-    return f"\\u{0xD800 | n >> 10:04x}\\u{0xDC00 | n & 0x3FF:04x}"
-
-
 def _string(text: str | None) -> str:
-    """``text`` as a JSON value, exactly as json.dumps writes it."""
-    if text is None:
-        return "null"
-    text = text.translate(_ESCAPES)
-    if not text.isascii():
-        text = "".join(map(_non_ascii, text))
-    return f'"{text}"'
+    # A malformed request's reason quotes the bytes a hostile boss sent, so
+    # every string goes through the escaper.
+    return "null" if text is None else jsontext.string(text)
 
 
 def _number(value: int | None) -> str:

@@ -34,11 +34,10 @@ group that does not exist.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import stat
 
-from privsock.helper import peernames
+from privsock.helper import jsontext, peernames
 from privsock.helper.exitcodes import Exit, Refusal
 from privsock.helper.policy import Policy
 from privsock.helper.policyparse import PolicyError, parse_policy
@@ -276,4 +275,4 @@ def _file_type(mode: int) -> str:
 
 def _shown(path: str) -> str:
     # A path may hold any byte but NUL and /; keep the message on one line.
-    return path if path.isprintable() else json.dumps(path)
+    return path if path.isprintable() else jsontext.string(path)

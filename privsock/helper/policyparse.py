@@ -74,16 +74,15 @@ rate.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import itertools
-import json
 import math
 import posixpath
 import re
 import tomllib
 from typing import Literal
 
+from privsock.helper import jsontext
 from privsock.helper.policy import (
     GRANTABLE,
     Connections,
@@ -237,6 +236,14 @@ def _table(value: object, key: str, known: tuple[str, ...]) -> dict[str, object]
     return value
 
 
+def _close_matches(word: str, known: tuple[str, ...]) -> list[str]:
+    # Only a policy with a mistake gets here: the helper that starts does not
+    # keep difflib in its memory.
+    import difflib  # noqa: PLC0415
+
+    return difflib.get_close_matches(word, known, n=1)
+
+
 def _check_keys(table: dict[str, object], key: str, known: tuple[str, ...]) -> None:
     for name in table:
         if name in known:
@@ -244,7 +251,7 @@ def _check_keys(table: dict[str, object], key: str, known: tuple[str, ...]) -> N
         path = _join(key, name)
         if name == "options" and key.startswith("deny["):
             raise _Invalid(path, "a deny rule has no options: it matches whatever the options")
-        close = difflib.get_close_matches(name, known, n=1)
+        close = _close_matches(name, known)
         hint = (
             f"did you mean {_show(close[0])}?" if close else "expected one of " + ", ".join(known)
         )
@@ -374,7 +381,7 @@ def _names(
         if not isinstance(item, str):
             raise _Invalid(path, f"must be a string, not {_kind(item)}")
         if item not in known:
-            close = difflib.get_close_matches(item.lower(), known, n=1)
+            close = _close_matches(item.lower(), known)
             hint = f"did you mean {_show(close[0])}?" if close else "expected " + ", ".join(known)
             raise _Invalid(path, f"unknown {what} {_show(item)} ({hint})")
         if item in seen:
@@ -509,7 +516,7 @@ def _covering_denies(rule: Rule, deny: list[Rule]) -> list[Rule]:
 
 
 def _show(value: str) -> str:
-    text = json.dumps(value)  # ASCII only: escapes newlines and every other separator
+    text = jsontext.string(value)  # ASCII only: escapes newlines and every other separator
     return text if len(text) <= 40 else text[:36] + '..."'
 
 
@@ -519,7 +526,7 @@ def show_range(ports: tuple[int, int]) -> str:
 
 
 def _one_line(text: str) -> str:
-    return text if text.isprintable() else json.dumps(text)
+    return text if text.isprintable() else jsontext.string(text)
 
 
 def _join(key: str, name: str) -> str:
