@@ -69,8 +69,8 @@ def _bound(sock: socket.socket) -> tuple[protocol.IPAddress, int] | None:
     return ipaddress.ip_address(name[0]), int(name[1])
 
 
-# How long SocketCreator(connect=...) waits, per create(), for a rate-limited
-# helper's tokens before it raises RateLimited.
+# How long SocketCreator(connect=...) waits by default, per create(), for a
+# rate-limited helper's tokens before it raises RateLimited (its rate_wait).
 CONNECT_RATE_WAIT = 2.0
 
 
@@ -78,7 +78,10 @@ class SocketCreator:
     """``SocketCreator(policy)`` starts its own helper (this process needs root,
     or CAP_NET_BIND_SERVICE as the policy's user); ``SocketCreator(connect=PATH)``
     connects to a socket-activated helper instead: no child process, no privilege,
-    and a restart is a reconnect."""
+    and a restart is a reconnect. Such a helper's bucket starts empty, so with
+    connect= each create() waits up to ``rate_wait`` seconds (an attribute the
+    caller may change between calls; default CONNECT_RATE_WAIT, 0: never) for
+    its tokens before it raises RateLimited."""
 
     def __init__(
         self,
@@ -91,6 +94,7 @@ class SocketCreator:
         reply_timeout: float = 5.0,
         max_restarts: int = 5,
         restart_window: float = 60.0,
+        rate_wait: float = CONNECT_RATE_WAIT,
     ) -> None:
         if (policy is None) == (connect is None):
             raise InvalidArgument("give either a policy file (start a helper) or connect=PATH")
@@ -102,6 +106,9 @@ class SocketCreator:
         self.audit_sink = audit_sink
         self.start_timeout = start_timeout
         self.reply_timeout = reply_timeout
+        if not rate_wait >= 0:  # also refuses nan
+            raise InvalidArgument(f"rate_wait must be a number of seconds >= 0, not {rate_wait!r}")
+        self.rate_wait = rate_wait
         self.process = HelperProcess(
             policy=self.policy, connect=connect,
             helper_argv=helper_argv or default_helper_argv(), audit_sink=audit_sink,
@@ -201,11 +208,11 @@ class SocketCreator:
             req = protocol.Create(self._new_id(), tr, addr, port, opts)
             reply, fd = self._exchange(req, self.reply_timeout)
             # A socket-activated helper's bucket starts empty (a reconnect must buy
-            # no burst): wait for its first tokens rather than fail, up to a bound.
+            # no burst): wait for its first tokens rather than fail, up to rate_wait.
             waited = 0.0
             while (fd is None and reply.status is Status.RATE_LIMITED
                    and self.connect_path is not None
-                   and waited + reply.detail / 1000 <= CONNECT_RATE_WAIT):  # fmt: skip
+                   and waited + reply.detail / 1000 <= self.rate_wait):  # fmt: skip
                 self._log_boss(req, reply)
                 time.sleep(reply.detail / 1000)
                 waited += reply.detail / 1000

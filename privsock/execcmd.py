@@ -180,6 +180,9 @@ def _create(
     """One socket, waiting for rate-limit tokens until ``deadline`` (calling
     ``on_wait`` before each wait)."""
     while True:
+        # A shared helper's first tokens are waited for inside create(), silently
+        # (its bucket always starts empty), but only for what is left of --rate-wait.
+        creator.rate_wait = max(0.0, deadline - time.monotonic())
         try:
             return creator.create(listen.transport, listen.address, listen.port,
                                   reuseaddr=reuseaddr)  # fmt: skip
@@ -239,7 +242,8 @@ def acquire(
                   file=sys.stderr, flush=True)  # fmt: skip
 
     try:
-        with SocketCreator(policy, connect=connect, audit_sink=_naming(sink, names)) as creator:
+        with SocketCreator(policy, connect=connect, audit_sink=_naming(sink, names),
+                           rate_wait=rate_wait) as creator:  # fmt: skip
             deadline = time.monotonic() + rate_wait
             for listen in listens:
                 # SO_REUSEADDR on TCP, as systemd does: a restart need not wait for TIME_WAIT.

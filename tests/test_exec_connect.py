@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from privsock.client import CONNECT_RATE_WAIT, SocketCreator
+from privsock.errors import InvalidArgument, RateLimited
 from privsock.helper import auditrecord
 from privsock.helper.procstatus import cap_names
 
@@ -196,6 +198,59 @@ def test_the_shared_helpers_rate_limit_is_exit_75(slow_helper: Path) -> None:
         "privsock: exec: tcp:127.0.0.1:80: still rate limited when --rate-wait ran out; "
         "nothing was started"
     ]
+
+
+@pytest.fixture
+def two_second_helper(policy_factory: Callable[[str], Path],
+                      shared_dir: Path) -> Iterator[Path]:  # noqa: F811  # fmt: skip
+    """A socket-activated helper whose (empty) bucket gets its first token 2 s
+    after a connection: within SocketCreator's default wait of 2 s."""
+    policy = policy_factory(TEST_POLICY.replace("rate = 100000.0", "rate = 0.5")
+                            .replace("burst = 100000", "burst = 1"))  # fmt: skip
+    with socket_activated(policy, shared_dir) as path:
+        yield path
+
+
+@pytest.mark.root
+def test_rate_wait_0_waits_for_no_token(two_second_helper: Path) -> None:
+    """--rate-wait bounds every wait, also the library's for a shared helper's
+    first token: 0 refuses at once (before, the library waited its own 2 s
+    and the server started)."""
+    result = exec_connect(two_second_helper, "--rate-wait", "0", *LISTEN, "--", "true",
+                          **NOBODY)  # fmt: skip
+    assert result.returncode == 75, result.stderr
+    assert message_lines(result.stderr) == [
+        "privsock: exec: tcp:127.0.0.1:80: still rate limited when --rate-wait ran out; "
+        "nothing was started"
+    ]
+    decisions = [r["decision"] for r in _boss_lines(result.stderr) if r["op"] == "CREATE"]
+    assert decisions == ["rate_limited"]
+
+
+@pytest.mark.root
+def test_a_longer_rate_wait_gets_the_first_token_silently(two_second_helper: Path) -> None:
+    """The first token of a fresh connection is always waited for: no
+    "rate limited" line for it, one rate_limited audit line, then the grant."""
+    result = exec_connect(two_second_helper, "--rate-wait", "30", *LISTEN, "--", "true",
+                          **NOBODY)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert message_lines(result.stderr) == []
+    decisions = [r["decision"] for r in _boss_lines(result.stderr) if r["op"] == "CREATE"]
+    assert decisions == ["rate_limited", "granted"]
+
+
+@pytest.mark.root
+def test_socket_creators_rate_wait(two_second_helper: Path) -> None:
+    """The library's own wait: rate_wait=0 raises RateLimited for the first
+    socket; the default (CONNECT_RATE_WAIT, 2 s) waits for it."""
+    assert CONNECT_RATE_WAIT == 2.0
+    with (SocketCreator(connect=str(two_second_helper), audit_sink=None, rate_wait=0) as c,
+          pytest.raises(RateLimited)):  # fmt: skip
+        c.create("udp", "127.0.0.1", 80)
+    with SocketCreator(connect=str(two_second_helper), audit_sink=None) as c:
+        c.create("udp", "127.0.0.1", 80).close()  # udp: no TIME_WAIT from earlier tests
+    with pytest.raises(InvalidArgument, match="rate_wait"):
+        SocketCreator(connect=str(two_second_helper), rate_wait=float("nan"))
 
 
 STATIC_SERVER = r"""

@@ -245,7 +245,8 @@ def run(opts: RunOptions, sink: Sink | None) -> int:
         raise Refusal(Exit.USAGE, "refusing to run the command as root: give --user")
     # Orphans of CMD come to us, so that daemonizing programs stay served.
     caps.prctl(caps.PR_SET_CHILD_SUBREAPER, 1)
-    creator = SocketCreator(opts.policy, connect=opts.connect, audit_sink=sink)
+    # The supervisor waits for rate-limit tokens itself, at most RATE_LIMIT_WAIT a bind.
+    creator = SocketCreator(opts.policy, connect=opts.connect, audit_sink=sink, rate_wait=0)
     try:
         try:
             creator.start()
