@@ -315,9 +315,11 @@ class SocketCreator:
         return reply, (fds[0] if wants_fd else None)
 
     def _kill(self, why: str) -> NoReturn:
-        """The helper misbehaved: kill it, reap it, raise."""
+        """The helper misbehaved: kill it (a connected one is not our child:
+        disconnect from it), reap it, raise."""
         self.process.kill()
-        raise ProtocolViolation(f"privsock helper {why}; it was killed")
+        ended = "it was killed" if self.connect_path is None else "the connection was closed"
+        raise ProtocolViolation(f"privsock helper {why}; {ended}")
 
     def _log_boss(self, req: Request, reply: Reply) -> None:
         """The boss's own audit line for a reply, so the log holds both sides."""

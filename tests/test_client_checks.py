@@ -48,8 +48,9 @@ def test_a_helper_that_breaks_the_protocol_is_killed(
     assert pid is not None
     before = open_fds()
     try:
-        with pytest.raises(ProtocolViolation, match=message):
+        with pytest.raises(ProtocolViolation, match=message) as info:
             creator.create("udp", "127.0.0.1", 53)
+        assert str(info.value).endswith("; it was killed")  # our child: it was
         assert not os.path.exists(f"/proc/{pid}")  # killed and reaped
         # Whatever fds the bad reply carried were closed, and the channel too.
         assert open_fds() <= before - 1

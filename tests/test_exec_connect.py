@@ -315,7 +315,7 @@ def test_a_socket_bound_elsewhere_is_refused(test_policy: Path, shared_dir: Path
     [line] = message_lines(result.stderr)
     assert re.fullmatch(
         r"privsock: exec: privsock helper sent a socket bound to 127\.0\.0\.2 port \d+ for "
-        r"tcp:127\.0\.0\.1:80; it was killed; nothing was started", line), line
+        r"tcp:127\.0\.0\.1:80; the connection was closed; nothing was started", line), line
 
 
 @pytest.mark.root
