@@ -5,6 +5,7 @@ helper is left."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import pytest
 from privsock.client import SocketCreator
 from privsock.helper.exitcodes import Exit
 from privsock.helper.procstatus import parse_status
-from privsock.inspection import choose, server_verdict
+from privsock.inspection import PROFILES, choose, server_verdict
 
 from .helper_proc import DROPPED_STATUS
 from .test_exec import PRIVSOCK
@@ -139,7 +140,15 @@ def test_a_root_process_fails_either_profile() -> None:
             sleeper.kill()
 
 
-def test_expect_takes_only_the_two_roles() -> None:
+def test_expect_takes_only_the_three_roles() -> None:
+    assert PROFILES == ("helper", "server", "connect-server")
     result = inspect("--expect", "boss", "1")
     assert result.returncode == Exit.USAGE
-    assert "invalid choice: 'boss'" in result.stderr
+    assert result.stderr.splitlines()[0] == (
+        "privsock: argument --expect: invalid choice: 'boss' "
+        "(choose from 'helper', 'server', 'connect-server')"
+    )
+    for role in PROFILES:  # each is taken (this process then fails it: not dropped)
+        result = inspect("--expect", role, str(os.getpid()))
+        assert result.returncode == Exit.FAILED, (role, result.stderr)
+        assert f"profile   {role} (--expect {role})" in result.stdout
