@@ -179,13 +179,17 @@ def test_bad_arguments_and_environment(case: Case) -> None:
 # -- policy files -------------------------------------------------------------
 
 
+def _folder(mode: int) -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix="privsock-hostile-"))  # in /tmp: root's, sticky
+    folder.chmod(mode)
+    yield folder
+    shutil.rmtree(folder)
+
+
 @pytest.fixture
 def root_dir() -> Iterator[Path]:
     """A root-owned 0755 directory, so that the policy walk gets to the file."""
-    folder = Path(tempfile.mkdtemp(prefix="privsock-hostile-"))
-    folder.chmod(0o755)
-    yield folder
-    shutil.rmtree(folder)
+    yield from _folder(0o755)
 
 
 POLICY_FILES: dict[str, tuple[bytes, int, str]] = {
@@ -283,10 +287,8 @@ def test_errors_with_stderr_closed_never_go_to_stdout() -> None:
 
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
-    folder = Path(tempfile.mkdtemp(prefix="privsock-hostile-"))
-    folder.chmod(0o777)
-    yield folder
-    shutil.rmtree(folder)
+    """A directory the server (nobody) can write its findings to."""
+    yield from _folder(0o777)
 
 
 def _exec_recording(shared_dir: Path, extra: list[str], command: str = "exec") -> list[str]:
