@@ -263,6 +263,27 @@ def test_helper_logs_malformed_requests(root: None, test_policy: Path) -> None:
     assert "not 32" in records[1]["reason"]
 
 
+@pytest.mark.parametrize("magic", [b'"\\', b'",', b"\n{"])
+def test_a_boss_cannot_break_or_forge_an_audit_line(
+    root: None, test_policy: Path, magic: bytes
+) -> None:
+    """The reason of a bad magic quotes the boss's two bytes: a quote or a backslash
+    among them must neither break the helper's JSON line nor add a field to it."""
+    raw = HelperChannel.for_policy(test_policy)
+    try:
+        raw.wait_ready()
+        raw.exchange(magic + b"\x01\x02\x00\x00\x00\x4d" + bytes(24))
+        raw.chan.close()  # end of session: the helper exits, its stderr ends
+        assert raw.proc.stderr is not None
+        lines = raw.proc.stderr.read().splitlines()
+    finally:
+        raw.close()
+    records = [auditrecord.parse(line) for line in lines if line.startswith(b"{")]
+    assert [(r["id"], r["decision"], r["reason"]) for r in records[1:]] == [
+        (77, "malformed", f"bad magic {magic!r}")
+    ]
+
+
 def test_inherited_fds_are_closed(root: None, test_policy: Path) -> None:
     r, w = os.pipe()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
