@@ -48,10 +48,6 @@ if TYPE_CHECKING:
 DEFAULT_POLICY = "/etc/privsock/policy.toml"
 
 
-class UsageError(Exception):
-    pass
-
-
 def _missing_policy(path: str) -> str | None:
     """One line when the default policy is not there (privsock is not
     installed as a package): say what to do, before any helper is started."""
@@ -63,7 +59,7 @@ def _missing_policy(path: str) -> str | None:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message}\n{self.format_usage().rstrip()}")
+        raise Refusal(Exit.USAGE, f"{message}\n{self.format_usage().rstrip()}")
 
 
 T = TypeVar("T")
@@ -118,14 +114,12 @@ def _seconds(text: str) -> float:
 
 
 def _not_started(command: str, exc: Refusal) -> int:
-    """A refusal before anything started: one line and its exit code; a bad
-    --audit-log value is a usage error (exit 64, with the usage line)."""
-    if not isinstance(exc, auditsink.AuditLogError):
-        print(f"privsock: {command}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    if exc.exit_code == Exit.USAGE:
-        raise UsageError(f"{command}: {exc}") from None
-    print(f"privsock: {command}: {exc}; nothing was started", file=sys.stderr)
+    """A refusal before anything started: one line and its exit code; an audit
+    log that cannot be opened says that nothing was started (a bad --audit-log
+    value, exit 64, does not: it is a usage error)."""
+    audit = isinstance(exc, auditsink.AuditLogError) and exc.exit_code != Exit.USAGE
+    said = "; nothing was started" if audit else ""
+    print(f"privsock: {command}: {exc}{said}", file=sys.stderr)
     return exc.exit_code
 
 
@@ -135,33 +129,31 @@ def _exec_target(args: argparse.Namespace) -> dropall.Target:
     else --user, --group and --groups."""
     if args.connect is None:
         if args.user is None:
-            raise UsageError("exec: give --user USER (as root), or --connect PATH (as the user "
-                             "who runs the command)")  # fmt: skip
+            raise Refusal(Exit.USAGE, "give --user USER (as root), or --connect PATH (as the "
+                          "user who runs the command)")  # fmt: skip
         groups = None if args.groups is None else [g for g in args.groups.split(",") if g]
         return dropall.with_groups(dropall.resolve(args.user, args.group), groups)
     for option, value in (("--user", args.user), ("--group", args.group),
                           ("--groups", args.groups), ("--policy", args.policy)):  # fmt: skip
         if value is not None:
-            raise UsageError(
-                f"exec: {option} cannot be combined with --connect: the command runs as the "
-                "caller, and the shared helper's own policy decides by the caller's uid"
-            )
+            raise Refusal(
+                Exit.USAGE, f"{option} cannot be combined with --connect: the command runs as "
+                "the caller, and the shared helper's own policy decides by the caller's uid",
+            )  # fmt: skip
     return dropall.caller()
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
     listens: list[execcmd.Listen] = args.listen
-    if args.name and len(args.name) != len(listens):
-        raise UsageError(
-            f"exec: {len(args.name)} --name for {len(listens)} --listen; "
-            "give one --name per --listen, in the same order, or none"
-        )
-    if len(set(listens)) != len(listens):
-        raise UsageError("exec: the same --listen is given twice")
     names = args.name or [listen.default_name for listen in listens]
     stay = args.connect is not None
     policy_path = None if stay else args.policy or DEFAULT_POLICY
     try:
+        if args.name and len(args.name) != len(listens):
+            raise Refusal(Exit.USAGE, f"{len(args.name)} --name for {len(listens)} --listen; "
+                          "give one --name per --listen, in the same order, or none")  # fmt: skip
+        if len(set(listens)) != len(listens):
+            raise Refusal(Exit.USAGE, "the same --listen is given twice")
         target = _exec_target(args)
     except Refusal as exc:
         return _not_started("exec", exc)
@@ -200,15 +192,17 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if (args.policy is None) == (args.connect is None):
-        raise UsageError("run: give either --policy FILE (started as root) or --connect PATH")
-    if args.policy is not None and args.user is None:
-        raise UsageError("run: --policy needs --user USER (the command never runs as root)")
-    if args.group is not None and args.user is None:
-        raise UsageError("run: --group needs --user")
-    if not args.command:
-        raise UsageError("run: no command given (put it after --)")
     try:
+        if (args.policy is None) == (args.connect is None):
+            raise Refusal(Exit.USAGE, "give either --policy FILE (started as root) or "
+                          "--connect PATH")  # fmt: skip
+        if args.policy is not None and args.user is None:
+            raise Refusal(Exit.USAGE, "--policy needs --user USER (the command never runs "
+                          "as root)")  # fmt: skip
+        if args.group is not None and args.user is None:
+            raise Refusal(Exit.USAGE, "--group needs --user")
+        if not args.command:
+            raise Refusal(Exit.USAGE, "no command given (put it after --)")
         target = dropall.resolve(args.user, args.group) if args.user is not None else None
         sink = auditsink.open_sink(args.audit_log)
     except Refusal as exc:  # AuditLogError is one
@@ -257,7 +251,8 @@ def _explain(policy: Policy, args: argparse.Namespace) -> int:
     try:
         listen = execcmd.parse_listen(spec)
     except ValueError as exc:
-        raise UsageError(f"check-policy: --as: {exc}") from None
+        print(f"privsock: check-policy: --as: {exc}", file=sys.stderr)
+        return Exit.USAGE
     try:
         peer = peer_of(user)
     except KeyError:
@@ -442,9 +437,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.stdout.flush()
             raise
         sys.stdout.flush()  # what a command printed: all of it, or exit 74
-    except UsageError as exc:
+    except Refusal as exc:  # the command line does not parse (_Parser.error)
         print(f"privsock: {exc}", file=sys.stderr)
-        code = Exit.USAGE
+        code = exc.exit_code
     except KeyboardInterrupt:
         code = Exit.INTERRUPTED
     except stdio.OutputError as exc:
