@@ -181,42 +181,29 @@ def test_a_denied_port_starts_nothing(activated_helper: Path, shared_dir: Path) 
 
 
 @pytest.fixture
-def slow_helper(policy_factory: Callable[[str], Path],
-                shared_dir: Path) -> Iterator[Path]:  # noqa: F811  # fmt: skip
-    """A socket-activated helper whose policy allows one grant per 1000 s."""
-    policy = policy_factory(TEST_POLICY.replace("rate = 100000.0", "rate = 0.001")
+def rate_limited_helper(request: pytest.FixtureRequest, policy_factory: Callable[[str], Path],
+                        shared_dir: Path) -> Iterator[Path]:  # noqa: F811  # fmt: skip
+    """A socket-activated helper whose policy grants ``request.param`` sockets
+    a second, one at a time: its bucket is empty at each connection, so the
+    first token comes 1/rate s after it."""
+    policy = policy_factory(TEST_POLICY.replace("rate = 100000.0", f"rate = {request.param}")
                             .replace("burst = 100000", "burst = 1"))  # fmt: skip
     with socket_activated(policy, shared_dir) as path:
         yield path
 
 
-@pytest.mark.root
-def test_the_shared_helpers_rate_limit_is_exit_75(slow_helper: Path) -> None:
-    result = exec_connect(slow_helper, "--rate-wait", "0", *LISTEN, "--", "true", **NOBODY)
-    assert result.returncode == 75, result.stderr
-    assert message_lines(result.stderr) == [
-        "privsock: exec: tcp:127.0.0.1:80: still rate limited when --rate-wait ran out; "
-        "nothing was started"
-    ]
-
-
-@pytest.fixture
-def two_second_helper(policy_factory: Callable[[str], Path],
-                      shared_dir: Path) -> Iterator[Path]:  # noqa: F811  # fmt: skip
-    """A socket-activated helper whose (empty) bucket gets its first token 2 s
-    after a connection: within SocketCreator's default wait of 2 s."""
-    policy = policy_factory(TEST_POLICY.replace("rate = 100000.0", "rate = 0.5")
-                            .replace("burst = 100000", "burst = 1"))  # fmt: skip
-    with socket_activated(policy, shared_dir) as path:
-        yield path
+# The first token 1000 s away (beyond any wait), or 2 s away: within
+# SocketCreator's own default wait (CONNECT_RATE_WAIT), which exec must not use.
+SLOW, TWO_SECONDS = "0.001", "0.5"
 
 
 @pytest.mark.root
-def test_rate_wait_0_waits_for_no_token(two_second_helper: Path) -> None:
+@pytest.mark.parametrize("rate_limited_helper", [SLOW, TWO_SECONDS], indirect=True)
+def test_the_shared_helpers_rate_limit_is_exit_75(rate_limited_helper: Path) -> None:
     """--rate-wait bounds every wait, also the library's for a shared helper's
     first token: 0 refuses at once (before, the library waited its own 2 s
     and the server started)."""
-    result = exec_connect(two_second_helper, "--rate-wait", "0", *LISTEN, "--", "true",
+    result = exec_connect(rate_limited_helper, "--rate-wait", "0", *LISTEN, "--", "true",
                           **NOBODY)  # fmt: skip
     assert result.returncode == 75, result.stderr
     assert message_lines(result.stderr) == [
@@ -228,10 +215,11 @@ def test_rate_wait_0_waits_for_no_token(two_second_helper: Path) -> None:
 
 
 @pytest.mark.root
-def test_a_longer_rate_wait_gets_the_first_token_silently(two_second_helper: Path) -> None:
+@pytest.mark.parametrize("rate_limited_helper", [TWO_SECONDS], indirect=True)
+def test_a_longer_rate_wait_gets_the_first_token_silently(rate_limited_helper: Path) -> None:
     """The first token of a fresh connection is always waited for: no
     "rate limited" line for it, one rate_limited audit line, then the grant."""
-    result = exec_connect(two_second_helper, "--rate-wait", "30", *LISTEN, "--", "true",
+    result = exec_connect(rate_limited_helper, "--rate-wait", "30", *LISTEN, "--", "true",
                           **NOBODY)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert message_lines(result.stderr) == []
@@ -240,17 +228,18 @@ def test_a_longer_rate_wait_gets_the_first_token_silently(two_second_helper: Pat
 
 
 @pytest.mark.root
-def test_socket_creators_rate_wait(two_second_helper: Path) -> None:
+@pytest.mark.parametrize("rate_limited_helper", [TWO_SECONDS], indirect=True)
+def test_socket_creators_rate_wait(rate_limited_helper: Path) -> None:
     """The library's own wait: rate_wait=0 raises RateLimited for the first
     socket; the default (CONNECT_RATE_WAIT, 2 s) waits for it."""
     assert CONNECT_RATE_WAIT == 2.0
-    with (SocketCreator(connect=str(two_second_helper), audit_sink=None, rate_wait=0) as c,
+    with (SocketCreator(connect=str(rate_limited_helper), audit_sink=None, rate_wait=0) as c,
           pytest.raises(RateLimited)):  # fmt: skip
         c.create("udp", "127.0.0.1", 80)
-    with SocketCreator(connect=str(two_second_helper), audit_sink=None) as c:
+    with SocketCreator(connect=str(rate_limited_helper), audit_sink=None) as c:
         c.create("udp", "127.0.0.1", 80).close()  # udp: no TIME_WAIT from earlier tests
     with pytest.raises(InvalidArgument, match="rate_wait"):
-        SocketCreator(connect=str(two_second_helper), rate_wait=float("nan"))
+        SocketCreator(connect=str(rate_limited_helper), rate_wait=float("nan"))
 
 
 STATIC_SERVER = r"""
