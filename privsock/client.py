@@ -21,7 +21,6 @@ or call close().
 from __future__ import annotations
 
 import array
-import ipaddress
 import os
 import socket
 import threading
@@ -66,7 +65,9 @@ def _bound(sock: socket.socket) -> tuple[protocol.IPAddress, int] | None:
         return None
     if not isinstance(name, tuple) or len(name) < 2 or not name[1]:
         return None
-    return ipaddress.ip_address(name[0]), int(name[1])
+    # parse_address: ipaddress.ip_address, cached per text (the same few addresses
+    # come back request after request).
+    return arguments.parse_address(name[0]), int(name[1])
 
 
 # How long SocketCreator(connect=...) waits by default, per create(), for a
