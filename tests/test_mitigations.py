@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -248,17 +249,23 @@ def test_helper_logs_every_decision(root: None, test_policy: Path) -> None:
     assert (denied["transport"], denied["address"], denied["port"]) == ("tcp", "0.0.0.0", 22)
 
 
-def test_helper_logs_malformed_requests(root: None, test_policy: Path) -> None:
-    raw = HelperChannel.for_policy(test_policy)
+def _audit_records_after(policy: Path, message: bytes) -> list[dict[str, Any]]:
+    """The audit records of a helper's whole session (its start-up PING, then
+    ``message``), read from its stderr once the session has ended."""
+    raw = HelperChannel.for_policy(policy)
     try:
         raw.wait_ready()
-        raw.exchange(b"PS\x01\x01\x00\x00\x00\x09garbage")
+        raw.exchange(message)
         raw.chan.close()  # end of session: the helper exits, its stderr ends
         assert raw.proc.stderr is not None
         lines = raw.proc.stderr.read().splitlines()
     finally:
         raw.close()
-    records = [auditrecord.parse(line) for line in lines if line.startswith(b"{")]
+    return [auditrecord.parse(line) for line in lines if line.startswith(b"{")]
+
+
+def test_helper_logs_malformed_requests(root: None, test_policy: Path) -> None:
+    records = _audit_records_after(test_policy, b"PS\x01\x01\x00\x00\x00\x09garbage")
     assert [(r["id"], r["decision"]) for r in records] == [(424242, "pong"), (9, "malformed")]
     assert "not 32" in records[1]["reason"]
 
@@ -269,16 +276,7 @@ def test_a_boss_cannot_break_or_forge_an_audit_line(
 ) -> None:
     """The reason of a bad magic quotes the boss's two bytes: a quote or a backslash
     among them must neither break the helper's JSON line nor add a field to it."""
-    raw = HelperChannel.for_policy(test_policy)
-    try:
-        raw.wait_ready()
-        raw.exchange(magic + b"\x01\x02\x00\x00\x00\x4d" + bytes(24))
-        raw.chan.close()  # end of session: the helper exits, its stderr ends
-        assert raw.proc.stderr is not None
-        lines = raw.proc.stderr.read().splitlines()
-    finally:
-        raw.close()
-    records = [auditrecord.parse(line) for line in lines if line.startswith(b"{")]
+    records = _audit_records_after(test_policy, magic + b"\x01\x02\x00\x00\x00\x4d" + bytes(24))
     assert [(r["id"], r["decision"], r["reason"]) for r in records[1:]] == [
         (77, "malformed", f"bad magic {magic!r}")
     ]
