@@ -115,7 +115,15 @@ def test_allowed_call_works(root: None, test_policy: Path, name: str) -> None:
 def test_x32_syscall_kills_the_whole_process(root: None, test_policy: Path) -> None:
     # A thread started before the filter sleeps on; only KILL_PROCESS for a
     # foreign ABI takes it down with the caller. x32 getpid is 0x40000000 | 39.
-    before = "threading.Thread(target=time.sleep, args=(600,), daemon=True).start()"
+    # The filter waits until the thread is inside clock_nanosleep (230): a thread
+    # still starting up when the filter lands makes syscalls of its own that
+    # the allowlist kills, before "hardened" is written.
+    before = (
+        "t = threading.Thread(target=time.sleep, args=(600,), daemon=True)\n"
+        "t.start()\n"
+        "while not open(f'/proc/self/task/{t.native_id}/syscall').read().startswith('230 '):\n"
+        "    time.sleep(0.001)"
+    )
     try:
         result = _harden_then(
             test_policy, "libc.syscall(0x40000000 | 39)", before=before, timeout=10
