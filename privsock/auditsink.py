@@ -1,7 +1,8 @@
 """Where the boss writes audit lines: the logger ``privsock.audit`` (the
 library's default), stderr, a file, or syslog.
 
-The line format is privsock.helper.auditrecord (docs/audit-log.md documents it for auditors).
+The line format is privsock.helper.auditrecord's; privsock.auditjson reads it
+(docs/audit-log.md documents it for auditors).
 A sink is a callable taking the bytes of one line (one JSON object, ending in
 a newline): the helper's lines are forwarded as the helper wrote them, with no
 parse and no re-encoding, and the boss's own lines come from the same format.
@@ -25,8 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, BinaryIO, TextIO
 
-from privsock import stdio
-from privsock.helper import auditrecord
+from privsock import auditjson, stdio
 from privsock.helper.exitcodes import Exit, Refusal
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ class LoggingSink:
         level = _INFO if routine(line) else _WARNING
         if logger.isEnabledFor(level):
             text = line.decode("ascii").rstrip("\n")
-            logger.log(level, "%s", text, extra={"audit": auditrecord.parse(text)})
+            logger.log(level, "%s", text, extra={"audit": auditjson.parse(text)})
 
     def close(self) -> None:
         pass  # the logging configuration is the application's

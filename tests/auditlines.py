@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from privsock.helper import auditrecord
+from privsock import auditjson
 
 
 def parsed(line: bytes) -> dict[str, Any]:
     """One line as a sink receives it, checked to be exactly one audit line."""
     assert isinstance(line, bytes), type(line)
     assert line.endswith(b"\n") and line.count(b"\n") == 1, line
-    return auditrecord.parse(line)
+    return auditjson.parse(line)
 
 
 class Records(list[dict[str, Any]]):

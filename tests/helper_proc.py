@@ -15,7 +15,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from privsock.helper import auditrecord, protocol
+from privsock import auditjson
+from privsock.helper import protocol
 from privsock.helper.protocol import REPLY_SIZE
 from privsock.helperprocess import HELPER_ENV, default_helper_argv
 
@@ -105,7 +106,7 @@ class HelperChannel:
         assert self.proc.stderr is not None
         os.set_blocking(self.proc.stderr.fileno(), False)
         data = self.proc.stderr.read() or b""
-        return [auditrecord.parse(line) for line in data.splitlines() if line.startswith(b"{")]
+        return [auditjson.parse(line) for line in data.splitlines() if line.startswith(b"{")]
 
     def wait_ready(self) -> None:
         """Serving starts only after hardening; a PING answered means hardened."""

@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
+from privsock import auditjson
 from privsock.auditsink import UNAVAILABLE, AuditLogError, SyslogSink
 from privsock.client import SocketCreator
-from privsock.helper import auditrecord, protocol
+from privsock.helper import protocol
 from privsock.helper.protocol import Transport
 from tests.auditlines import parsed
 
@@ -93,7 +94,7 @@ def test_a_grant_whose_helper_line_cannot_be_logged_is_closed(
 
 def _record() -> bytes:
     req = protocol.Create(3, Transport.UDP, ipaddress.ip_address("127.0.0.1"), 53)
-    return auditrecord.encode(auditrecord.record(
+    return auditjson.encode(auditjson.record(
         now=1_800_000_000.0, side="boss", pid=1, request_id=3, request=req, decision="granted"
     ))  # fmt: skip
 
@@ -124,7 +125,7 @@ def test_syslog_sink_fails_a_record_it_cannot_deliver(
     sink(_record())
     head, _, body = server.recv(65536).decode().partition(": ")
     assert head.startswith(f"<{(10 << 3) | 6}>") and f" privsock[{os.getpid()}]" in head
-    assert auditrecord.parse(body)["decision"] == "granted"
+    assert auditjson.parse(body)["decision"] == "granted"
     server.close()
     path.unlink()  # the daemon is gone
     with pytest.raises(AuditLogError) as failed:

@@ -12,16 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from privsock.helper.auditrecord import (
-    FIELDS,
-    address_text,
-    encode,
-    line,
-    option_names,
-    parse,
-    record,
-    rfc3339,
-)  # fmt: skip
+from privsock.auditjson import encode, parse, record
+from privsock.helper.auditrecord import FIELDS, address_text, line, option_names, rfc3339
 from privsock.helper.protocol import Create, Option, Ping, Transport
 from tests import legacy_helper
 

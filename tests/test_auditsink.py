@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from privsock import auditjson
 from privsock.auditsink import (
     AuditLogError,
     FileSink,
@@ -23,13 +24,13 @@ from privsock.auditsink import (
     open_sink,
     routine,
 )
-from privsock.helper import auditrecord, protocol
+from privsock.helper import protocol
 from privsock.helper.protocol import Transport
 
 
 def record(decision: str = "granted", port: int = 53) -> dict[str, Any]:
     req = protocol.Create(7, Transport.UDP, ipaddress.ip_address("127.0.0.1"), port)
-    return auditrecord.record(
+    return auditjson.record(
         now=1_800_000_000.25, side="boss", pid=42, request_id=7, request=req,
         decision=decision, reason="port" if decision == "denied" else None,
     )  # fmt: skip
@@ -37,7 +38,7 @@ def record(decision: str = "granted", port: int = 53) -> dict[str, Any]:
 
 def rec(decision: str = "granted", port: int = 53) -> bytes:
     """A line as a sink is given it: bytes, one JSON object and its newline."""
-    return auditrecord.encode(record(decision, port))
+    return auditjson.encode(record(decision, port))
 
 
 def test_stream_sink_writes_one_parseable_line_per_record() -> None:
@@ -46,8 +47,8 @@ def test_stream_sink_writes_one_parseable_line_per_record() -> None:
     sink(rec())
     sink(rec("denied", 22))
     lines = out.getvalue().splitlines()
-    assert [auditrecord.parse(line)["decision"] for line in lines] == ["granted", "denied"]
-    assert auditrecord.parse(lines[1])["port"] == 22
+    assert [auditjson.parse(line)["decision"] for line in lines] == ["granted", "denied"]
+    assert auditjson.parse(lines[1])["port"] == 22
 
 
 def test_file_sink_appends_flushed_lines(tmp_path: Path) -> None:
@@ -61,7 +62,7 @@ def test_file_sink_appends_flushed_lines(tmp_path: Path) -> None:
     sink.close()
     lines = path.read_text().splitlines()
     assert lines[0] == "earlier line"
-    assert [auditrecord.parse(line)["decision"] for line in lines[1:]] == ["granted", "denied"]
+    assert [auditjson.parse(line)["decision"] for line in lines[1:]] == ["granted", "denied"]
 
 
 def test_file_sink_creates_the_file_0640(tmp_path: Path) -> None:
@@ -103,7 +104,6 @@ def test_open_sink_parses_the_cli_values(tmp_path: Path) -> None:
 
 SYSLOG_PROBE = """
 import json, socket, subprocess, sys
-from privsock.helper import auditrecord
 from privsock.auditsink import SyslogSink
 subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/dev"], check=True)
 log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -138,7 +138,7 @@ def test_syslog_sink_sends_one_authpriv_message_per_record() -> None:
         assert message.startswith(f"<{authpriv | priority}>")
         head, _, body = message.partition(": ")
         assert head.endswith("]") and " privsock[" in head
-        assert auditrecord.parse(body)["decision"] == decision
+        assert auditjson.parse(body)["decision"] == decision
 
 
 def test_stream_sink_passes_the_bytes_to_a_binary_stream() -> None:
@@ -152,7 +152,7 @@ def test_routine_reads_only_the_decision_field() -> None:
     forged from inside a string value, whose quotes are escaped."""
     req = protocol.Create(7, Transport.UDP, ipaddress.ip_address("127.0.0.1"), 53)
     for decision in ("granted", "pong", "denied", "rate_limited", "malformed", "os_error"):
-        line = auditrecord.encode(auditrecord.record(
+        line = auditjson.encode(auditjson.record(
             now=1.0, side="helper", pid=1, request_id=7, request=req, decision=decision,
             reason=',"decision":"granted",', rule=',"decision":"pong",',
         ))  # fmt: skip
@@ -163,8 +163,8 @@ def test_routine_reads_only_the_decision_field() -> None:
 def test_naming_boss_lines_fills_in_the_boss_lines_only(command: list[str]) -> None:
     seen: list[bytes] = []
     sink = naming_boss_lines(seen.append, "privsock-demo", command)
-    helper = auditrecord.encode({**record(), "side": "helper"})
+    helper = auditjson.encode({**record(), "side": "helper"})
     sink(helper)
     sink(rec())
     assert seen[0] == helper
-    assert seen[1] == auditrecord.encode({**record(), "user": "privsock-demo", "command": command})
+    assert seen[1] == auditjson.encode({**record(), "user": "privsock-demo", "command": command})

@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
+from privsock import auditjson
 from privsock.dropall import Target, verify
 from privsock.execcmd import parse_listen
 from privsock.execenv import SAFE_PATH
-from privsock.helper import auditrecord
 from privsock.helper.exitcodes import Exit
 
 from .conftest import REPO
@@ -91,7 +91,7 @@ def message_lines(stderr: str) -> list[str]:
     out = []
     for line in stderr.splitlines():
         try:
-            auditrecord.parse(line)
+            auditjson.parse(line)
         except ValueError:
             out.append(line)
     return out
@@ -235,14 +235,14 @@ def test_both_sides_log_grants_to_the_audit_file(test_policy: Path, tmp_path: Pa
     # The helper's line arrives through a reader thread: either may come first.
     grants = sorted(
         (rec["side"], rec["transport"], rec["port"])
-        for rec in map(auditrecord.parse, log.read_text().splitlines())
+        for rec in map(auditjson.parse, log.read_text().splitlines())
         if rec["decision"] == "granted"
     )
     assert grants == [("boss", "udp", 1021), ("helper", "udp", 1021)]
     # The boss's line names whom the socket is for: the user and the command.
     named = {
         rec["side"]: (rec["user"], rec["command"])
-        for rec in map(auditrecord.parse, log.read_text().splitlines())
+        for rec in map(auditjson.parse, log.read_text().splitlines())
         if rec["decision"] == "granted"
     }
     assert named == {"boss": ("privsock-demo", ["/bin/true"]), "helper": (None, None)}

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
+from privsock import auditjson
 from privsock.client import CONNECT_RATE_WAIT, SocketCreator
 from privsock.errors import InvalidArgument, RateLimited
-from privsock.helper import auditrecord
 from privsock.helper.procstatus import cap_names
 
 from .conftest import TEST_POLICY
@@ -106,7 +106,7 @@ def test_a_missing_socket_is_an_unavailable_service(shared_dir: Path) -> None:  
 
 
 def _boss_lines(stderr: str) -> list[dict[str, Any]]:
-    return [auditrecord.parse(line) for line in stderr.splitlines() if line.startswith("{")]
+    return [auditjson.parse(line) for line in stderr.splitlines() if line.startswith("{")]
 
 
 @pytest.fixture

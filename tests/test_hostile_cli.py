@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from privsock.helper import auditrecord
+from privsock import auditjson
 
 from .conftest import DEFAULT_POLICY
 
@@ -145,7 +145,7 @@ def message_lines(stderr: str) -> list[str]:
         if line.startswith("usage:"):
             break
         try:
-            auditrecord.parse(line)
+            auditjson.parse(line)
         except ValueError:
             lines.append(line)
     return lines
@@ -321,7 +321,7 @@ def test_exec_with_a_closed_stdio_fd_gives_the_server_dev_null(
     seen = (shared_dir / "fds").read_text().splitlines()
     assert seen[fd] == "/dev/null", seen
     if command == "exec":
-        assert [r["decision"] for r in map(auditrecord.parse, audit.read_text().splitlines())
+        assert [r["decision"] for r in map(auditjson.parse, audit.read_text().splitlines())
                 if r["op"] == "CREATE"] == ["granted", "granted"]  # fmt: skip
 
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from privsock import auditjson
 from privsock.client import SocketCreator
 from privsock.errors import PolicyDenied
-from privsock.helper import auditrecord
 from privsock.helper.exitcodes import Exit
 from privsock.helperprocess import HELPER_ENV, default_helper_argv
 from tests.auditlines import Records
@@ -269,7 +269,7 @@ def _audit_records_after(policy: Path, message: bytes) -> list[dict[str, Any]]:
         lines = raw.proc.stderr.read().splitlines()
     finally:
         raw.close()
-    return [auditrecord.parse(line) for line in lines if line.startswith(b"{")]
+    return [auditjson.parse(line) for line in lines if line.startswith(b"{")]
 
 
 def test_helper_logs_malformed_requests(root: None, test_policy: Path) -> None:

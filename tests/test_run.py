@@ -25,10 +25,11 @@ from typing import Any
 
 import pytest
 
+from privsock import auditjson
 from privsock.auditsink import AuditLogError
 from privsock.client import SocketCreator
 from privsock.execenv import SAFE_PATH
-from privsock.helper import auditrecord, caps
+from privsock.helper import caps
 from privsock.helper.exitcodes import Exit
 from privsock.run import kernel
 from privsock.run.supervise import Supervisor
@@ -53,7 +54,7 @@ def privsock_run(policy: Path, *cmd: str, audit: Path | None = None, extra: tupl
 
 
 def audit_lines(path: Path) -> list[dict[str, Any]]:
-    return [auditrecord.parse(line) for line in path.read_text().splitlines()]
+    return [auditjson.parse(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture
@@ -711,7 +712,7 @@ def test_connect_as_an_unprivileged_user(activated_helper: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     check_attack(json.loads(result.stdout))
-    boss = [auditrecord.parse(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    boss = [auditjson.parse(line) for line in result.stderr.splitlines() if line.startswith("{")]
     seen = [(r["side"], r["port"], r["decision"]) for r in boss if r["op"] != "PING"]
     assert seen == [("boss", 1007, "granted"), ("run", 1007, "delivered")]
 

@@ -26,7 +26,8 @@ Fields (always present, in this order; absent values are null):
 Pure: building a line does no I/O and opens no file (the helper formats lines
 under seccomp). The time is passed in. The helper writes ``line``: the fields in
 their fixed order through one template, no dict and no json.dumps; a property
-test holds it byte-identical to ``encode(record(...))``, which the boss uses.
+test holds it byte-identical to json.dumps of the same record as a dict, the
+form the boss builds and parses.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import functools
 import ipaddress
 import socket
 import time
-from typing import Any
 
 from privsock.helper import jsontext
 from privsock.helper.protocol import OPTION_NAMES, Create, Option, Ping, Request
@@ -133,60 +133,3 @@ def line(
         f'"retry_ms":{_number(retry_ms)},"peer_uid":{_number(peer_uid)},'
         f'"peer_pid":{_number(peer_pid)},"user":null,"command":null}}\n'
     ).encode("ascii")
-
-
-def record(
-    *,
-    now: float,
-    side: str,
-    pid: int,
-    request_id: int,
-    request: Request | None,
-    decision: str,
-    reason: str | None = None,
-    rule: str | None = None,
-    errno: int | None = None,
-    retry_ms: int | None = None,
-    peer_uid: int | None = None,
-    peer_pid: int | None = None,
-) -> dict[str, Any]:
-    create = request if isinstance(request, Create) else None
-    return {
-        "time": rfc3339(now),
-        "side": side,
-        "pid": pid,
-        "id": request_id,
-        "op": "CREATE" if create else "PING" if isinstance(request, Ping) else None,
-        "transport": create.transport.name.lower() if create else None,
-        "address": str(create.address) if create else None,
-        "port": create.port if create else None,
-        "options": option_names(create.options) if create else [],
-        "decision": decision,
-        "reason": reason,
-        "rule": rule,
-        "errno": errno,
-        "retry_ms": retry_ms,
-        "peer_uid": peer_uid,
-        "peer_pid": peer_pid,
-        "user": None,
-        "command": None,
-    }
-
-
-# The boss's side. The helper writes line() and so never loads json.
-
-
-def encode(rec: dict[str, Any]) -> bytes:
-    import json  # noqa: PLC0415 (the helper never calls this: no json in its memory)
-
-    return json.dumps(rec, separators=(",", ":")).encode("ascii") + b"\n"
-
-
-def parse(line: str | bytes) -> dict[str, Any]:
-    """One audit line back to its record; ValueError if it is not one."""
-    import json  # noqa: PLC0415 (the helper never calls this: no json in its memory)
-
-    rec = json.loads(line)
-    if not isinstance(rec, dict) or tuple(rec) != FIELDS:
-        raise ValueError("not a privsock audit line")
-    return rec

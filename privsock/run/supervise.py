@@ -36,10 +36,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from privsock import auditjson
 from privsock.auditsink import AuditLogError
 from privsock.client import SocketCreator
 from privsock.errors import CreatorError, CreatorOSError, PolicyDenied, RateLimited
-from privsock.helper import auditrecord
 from privsock.helper.protocol import Transport
 from privsock.run import bindreq, kernel, sockopts
 
@@ -100,14 +100,14 @@ class Supervisor:
     ) -> None:  # fmt: skip
         if self.audit_sink is None:
             return
-        rec = auditrecord.record(
+        rec = auditjson.record(
             now=time.time(), side="run", pid=tgid, request_id=0, request=None,
             decision=decision, reason=reason,
         )  # fmt: skip
         host, _, port = what.rpartition(":")
         rec.update(op="BIND", address=host.strip("[]"), port=int(port),
                    transport=transport.name.lower() if transport else None)  # fmt: skip
-        self.audit_sink(auditrecord.encode(rec))
+        self.audit_sink(auditjson.encode(rec))
 
     def _unlogged(self, nid: int, tgid: int, what: str, exc: AuditLogError) -> None:
         """A grant that cannot be logged is not handed out; the sink is what
