@@ -445,5 +445,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     except stdio.OutputError as exc:
         print(f"privsock: cannot write to stdout: {exc}", file=sys.stderr)
         stdio.silence_stdout()
-        code = stdio.IOERR
+        code = Exit.IOERR
     sys.exit(code)

@@ -27,8 +27,6 @@ import os
 import sys
 from typing import TextIO, cast
 
-IOERR = 74  # EX_IOERR: stdout cannot be written
-
 _closed: set[int] = set()
 
 

@@ -21,6 +21,7 @@ class Exit(enum.IntEnum):
     SOFTWARE = 70  # EX_SOFTWARE: unexpected error inside the request loop
     OSERR = 71  # EX_OSERR: a hardening step failed, or self-verification found a difference
     NOLANDLOCK = 72  # the policy requires Landlock and the kernel offers none (EX_OSFILE's slot)
+    IOERR = 74  # EX_IOERR: a command's stdout cannot be written
     TEMPFAIL = 75  # EX_TEMPFAIL: exec rate limited; the helper: the peer's user is at per_user
     PROTOCOL = 76  # EX_PROTOCOL: the channel on fd 0 is not a SOCK_SEQPACKET socket
     NOPERM = 77  # EX_NOPERM: missing privilege (not root, no CAP_NET_BIND_SERVICE)
