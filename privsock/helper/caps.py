@@ -1,8 +1,9 @@
 """prctl options, capability numbers and the raw prctl call: the one copy, for
 the helper's drop (drop.py, keeps CAP_NET_BIND_SERVICE), the boss's (dropall.py,
 before exec or in a library boss: keeps nothing) and `privsock run`'s
-supervisor and program (privsock/run/). python-prctl covers the rest; these are
-the calls it lacks."""
+supervisor and program (privsock/run/, whose own prctl options are in
+privsock/run/kernel.py: the helper never uses them). python-prctl covers the
+rest; these are the calls it lacks."""
 
 from __future__ import annotations
 
@@ -12,11 +13,7 @@ import os
 from privsock.helper.exitcodes import Exit, Refusal
 
 # include/uapi/linux/prctl.h
-PR_SET_PDEATHSIG = 1
-PR_GET_DUMPABLE = 3
-PR_SET_DUMPABLE = 4
 PR_CAPBSET_DROP = 24
-PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4

@@ -81,8 +81,8 @@ def drop_supervisor(target: dropall.Target) -> None:
 
 
 def make_undumpable() -> None:
-    caps.prctl(caps.PR_SET_DUMPABLE, 0)
-    if caps.prctl(caps.PR_GET_DUMPABLE, 0) != 0:
+    caps.prctl(kernel.PR_SET_DUMPABLE, 0)
+    if caps.prctl(kernel.PR_GET_DUMPABLE, 0) != 0:
         raise Refusal(Exit.OSERR, "could not make the supervisor non-dumpable")
 
 
@@ -244,7 +244,7 @@ def run(opts: RunOptions, sink: Sink | None) -> int:
     elif opts.target is None and os.geteuid() == 0:
         raise Refusal(Exit.USAGE, "refusing to run the command as root: give --user")
     # Orphans of CMD come to us, so that daemonizing programs stay served.
-    caps.prctl(caps.PR_SET_CHILD_SUBREAPER, 1)
+    caps.prctl(kernel.PR_SET_CHILD_SUBREAPER, 1)
     # The supervisor waits for rate-limit tokens itself, at most RATE_LIMIT_WAIT a bind.
     creator = SocketCreator(opts.policy, connect=opts.connect, audit_sink=sink, rate_wait=0)
     try:

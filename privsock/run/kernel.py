@@ -21,6 +21,12 @@ import platform
 import struct
 from dataclasses import dataclass
 
+# include/uapi/linux/prctl.h: run's prctl options (the call is caps.prctl)
+PR_SET_PDEATHSIG = 1
+PR_GET_DUMPABLE = 3
+PR_SET_DUMPABLE = 4
+PR_SET_CHILD_SUBREAPER = 36
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
