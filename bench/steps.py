@@ -2,10 +2,12 @@
 
     .venv/bin/python bench/steps.py [--rounds N] [--calls N]
 
-"Before" is tests/legacy_helper.py: the previous audit encoder, decoder and
-decide, kept verbatim as the oracle the property tests hold the current code
-to. "After" is privsock.helper as it is, called as serve.Session calls it
-(decide's rules precomputed once per session). Both run in this one process,
+"Before" is tests/legacy_helper.py: the previous decoder and decide, kept
+verbatim as the oracle the property tests hold the current code
+to; for the audit line, the previous encoder (a dict through json.dumps),
+which the boss keeps as privsock.auditjson. "After" is privsock.helper as it
+is, called as serve.Session calls it (decide's rules precomputed once per
+session). Both run in this one process,
 side by side: each round times every step on both sides in a shuffled order,
 a step's figure is the median of its rounds, and the ratio (before / after) is
 taken round by round. Nothing here needs root or the network. Like the rest
@@ -27,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from privsock import auditjson
 from privsock.helper import auditrecord, protocol
 from privsock.helper.policy import Peer, judge, rules_for
 from privsock.helper.policyparse import parse_policy
@@ -49,7 +52,7 @@ def _audit(
                 peer_uid=1000, peer_pid=4242, **kw)  # fmt: skip
 
     def before() -> object:
-        return legacy_helper.encode(legacy_helper.record(now=time.time(), **args))  # type: ignore[arg-type]
+        return auditjson.encode(auditjson.record(now=time.time(), **args))  # type: ignore[arg-type]
 
     def after() -> object:
         return auditrecord.line(now=time.time(), **args)  # type: ignore[arg-type]

@@ -1,24 +1,21 @@
 """The helper's per-request code as it was before the in-process speed-ups: an oracle.
 
-Verbatim copies of auditrecord.record/encode, protocol.decode_request and
-policy.decide. The property tests hold the current code to give exactly what
-these give (the same bytes, the same request or error, the same decision), and
-bench/steps.py times the two side by side. Do not "improve" this module: its
-only job is to be what the helper did before.
+Verbatim copies of protocol.decode_request and policy.decide. (The previous
+audit encoder, a dict through json.dumps, is privsock.auditjson, the boss's.)
+The property tests hold the current code to give exactly what these give (the
+same request or error, the same decision), and bench/steps.py times the two
+side by side. Do not "improve" this module: its only job is to be what the
+helper did before.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import struct
-import time
-from typing import Any
 
 from privsock.helper.policy import GRANTABLE, Decision, Peer, Policy, Rule
 from privsock.helper.protocol import (
     MAGIC,
-    OPTION_NAMES,
     REQUEST_SIZE,
     VERSION,
     Create,
@@ -44,69 +41,6 @@ _ADDRESS_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
 
 WILDCARD_V4 = ipaddress.IPv4Address(0)
 WILDCARD_V6 = ipaddress.IPv6Address(0)
-
-# --- privsock/helper/auditrecord.py
-
-
-def option_names(options: Option) -> list[str]:
-    return [name for name, flag in OPTION_NAMES.items() if options & flag]
-
-
-def rfc3339(now: float) -> str:
-    # Round to the nearest microsecond (as datetime does): truncating the float would
-    # print 1.000001 as 1.000000. Rounding up may carry into the next second.
-    seconds, fraction = divmod(now, 1.0)
-    micros = round(fraction * 1_000_000)
-    if micros == 1_000_000:
-        seconds, micros = seconds + 1, 0
-    t = time.gmtime(seconds)
-    return (
-        f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
-        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{micros:06d}Z"
-    )
-
-
-def record(
-    *,
-    now: float,
-    side: str,
-    pid: int,
-    request_id: int,
-    request: Request | None,
-    decision: str,
-    reason: str | None = None,
-    rule: str | None = None,
-    errno: int | None = None,
-    retry_ms: int | None = None,
-    peer_uid: int | None = None,
-    peer_pid: int | None = None,
-) -> dict[str, Any]:
-    create = request if isinstance(request, Create) else None
-    return {
-        "time": rfc3339(now),
-        "side": side,
-        "pid": pid,
-        "id": request_id,
-        "op": "CREATE" if create else "PING" if isinstance(request, Ping) else None,
-        "transport": create.transport.name.lower() if create else None,
-        "address": str(create.address) if create else None,
-        "port": create.port if create else None,
-        "options": option_names(create.options) if create else [],
-        "decision": decision,
-        "reason": reason,
-        "rule": rule,
-        "errno": errno,
-        "retry_ms": retry_ms,
-        "peer_uid": peer_uid,
-        "peer_pid": peer_pid,
-        "user": None,
-        "command": None,
-    }
-
-
-def encode(rec: dict[str, Any]) -> bytes:
-    return json.dumps(rec, separators=(",", ":")).encode("ascii") + b"\n"
-
 
 # --- privsock/helper/protocol.py
 

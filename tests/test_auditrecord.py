@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from privsock.auditjson import encode, parse, record
 from privsock.helper.auditrecord import FIELDS, address_text, line, option_names, rfc3339
 from privsock.helper.protocol import Create, Option, Ping, Transport
-from tests import legacy_helper
 
 V4 = ipaddress.IPv4Address("192.0.2.10")
 V6 = ipaddress.IPv6Address("2001:db8::1")
@@ -304,7 +303,6 @@ _maybe_text = st.none() | st.text() | st.text(alphabet=st.characters(max_codepoi
 def test_line_is_encode_of_record_byte_for_byte(**kw: Any) -> None:
     got = line(**kw)
     assert got == encode(record(**kw))
-    assert got == legacy_helper.encode(legacy_helper.record(**kw))
     assert got.isascii() and got.count(b"\n") == 1 and got.endswith(b"\n")
     rec = json.loads(got)
     assert tuple(rec) == FIELDS
