@@ -83,7 +83,7 @@ def targets(summary: dict[str, Any], results: dict[str, Any]) -> list[dict[str, 
          "(worst of the four)", "limit": 1.8,
          "measured": max(r["helper_alone/c_limit"]["median"] for r in ratios), "unit": "x"},
         {"target": "`privsock exec --listen tcp:127.0.0.1:929 -- /bin/true` wall <= 5x "
-         "`python -I -c pass`", "limit": 5.0,
+         "`python3 -I -c pass`", "limit": 5.0,
          "measured": summary["exec_ratio"]["median"], "unit": "x"},
         {"target": "helper RSS while serving <= 12 MiB", "limit": 12.0, "measured": rss,
          "unit": " MiB"},
@@ -153,10 +153,10 @@ def table(summary: dict[str, Any], results: dict[str, Any], machine: dict[str, A
         "",
         "Start-up, ms from spawn to the first PING reply (target <= 40.7 ms for privsock), "
         "and a whole `privsock exec --listen tcp:127.0.0.1:929 -- /bin/true` (target <= 5x "
-        "`python -I -c pass`):",
+        "`python3 -I -c pass`):",
         "",
         "| privsock-helper, hardened (SocketCreator.start) | C reference helper "
-        "| `python -I -c pass` to exit | privsock / python (same round) "
+        "| `python3 -I -c pass` to exit | privsock / python (same round) "
         "| `privsock exec ... -- /bin/true` | exec / python (same round) |",
         "|---|---|---|---|---|---|",
         f"| {fmt(su['privsock'])} | {fmt(su['c_helper'])} | {fmt(su['python'])} "

@@ -3,6 +3,7 @@ helper's import times and its RSS once serving."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -47,9 +48,14 @@ def exec_true(policy: Path) -> int:
     return elapsed
 
 
+# The bare interpreter the venv runs (Debian's /usr/bin/python3), outside the
+# venv: its site-packages add nothing to the baseline's start-up.
+BARE_PYTHON = os.path.realpath(sys.executable)
+
+
 def start_python() -> int:
     t0 = time.perf_counter_ns()
-    subprocess.run([sys.executable, "-I", "-c", "pass"], check=True, env=HELPER_ENV)
+    subprocess.run([BARE_PYTHON, "-I", "-c", "pass"], check=True, env=HELPER_ENV)
     return time.perf_counter_ns() - t0
 
 

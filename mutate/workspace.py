@@ -1,10 +1,10 @@
 """The copy of the tree a mutation is applied to, with a venv of its own.
 
-Why a copy needs its own venv: .venv holds an *editable* install whose import
-finder maps ``privsock`` to this checkout's privsock/ directory, and the helper is
+Why a copy needs its own venv: .venv holds an *editable* install, a .pth file
+that puts this checkout on every interpreter's sys.path, and the helper is
 started as ``python -I -m privsock.helper.main`` (isolated mode ignores
 PYTHONPATH). Tests run in a plain copy would import, and start helpers from,
-the real tree. So the copy gets a copy of .venv whose finder and script
+the real tree. So the copy gets a copy of .venv whose .pth file and script
 shebangs point at the copy (mutate.run proves it before it starts).
 """
 
@@ -70,15 +70,13 @@ class Workspace:
     def _copy_venv(self) -> None:
         real, copy = REPO / ".venv", self.tree / ".venv"
         subprocess.run(["cp", "-a", str(real), str(copy)], check=True)
-        old_dir, new_dir = str(REPO / "privsock"), str(self.tree / "privsock")
-        finders = list(copy.glob("lib/python*/site-packages/__editable__*privsock*finder.py"))
-        if len(finders) != 1:
-            raise ModelError(f"expected one editable privsock finder in {real}, found {finders}")
-        text = finders[0].read_text()
-        mapping = f"{{'privsock': {old_dir!r}}}"
-        if mapping not in text:
-            raise ModelError(f"{finders[0].name} does not map privsock to {old_dir}")
-        finders[0].write_text(text.replace(mapping, f"{{'privsock': {new_dir!r}}}"))
+        # The compat-mode editable install (scripts/bootstrap): one line, the checkout.
+        paths = list(copy.glob("lib/python*/site-packages/__editable__.privsock-*.pth"))
+        if len(paths) != 1:
+            raise ModelError(f"expected one editable privsock .pth file in {real}, found {paths}")
+        if paths[0].read_text().splitlines() != [str(REPO)]:
+            raise ModelError(f"{paths[0].name} does not hold just {REPO} (run scripts/bootstrap)")
+        paths[0].write_text(f"{self.tree}\n")
         # Console scripts (privsock, privsock-helper, pytest) name the real
         # interpreter in their shebang.
         shebang = f"#!{real}/bin/".encode()
