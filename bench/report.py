@@ -176,7 +176,8 @@ def table(summary: dict[str, Any], results: dict[str, Any], machine: dict[str, A
         f"{len(imp['totals_us'])} runs): {imp['total_us'] / 1000:.1f} ms in all; "
         f"largest (cumulative ms): {top}.",
         "",
-        "Memory once serving, MiB (target VmRSS <= 12 MiB for privsock):",
+        "Memory once serving, MiB, the median of the readings at the end of each round "
+        "(VmRSS with its min-max; target VmRSS <= 12 MiB for privsock):",
         "",
         "| | VmRSS | RssAnon | RssFile | VmHWM |",
         "|---|---|---|---|---|",
@@ -185,6 +186,8 @@ def table(summary: dict[str, Any], results: dict[str, Any], machine: dict[str, A
                         ("c_helper", "C reference helper")):  # fmt: skip
         m = mem[name]
         mib = [f"{m[k] / 1024:.1f}" for k in ("VmRSS", "RssAnon", "RssFile", "VmHWM")]
+        rss = [r[name]["VmRSS"] / 1024 for r in results["memory_kib_rounds"]]
+        mib[0] += f" ({min(rss):.1f}-{max(rss):.1f})"
         lines.append(f"| {label} | " + " | ".join(mib) + " |")
     return "\n".join(lines) + "\n"
 

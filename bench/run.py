@@ -35,6 +35,7 @@ import functools
 import os
 import random
 import signal
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -134,16 +135,24 @@ def run_rounds(args: argparse.Namespace, lib: ctypes.CDLL, policy: Path) -> dict
         ]
         for _, _, task in tasks:  # a warm-up round, not recorded
             task()
+        pids = {"privsock": creator.pid, "c_helper": c_helper.proc.pid,
+                "min_helper": min_helper.proc.pid}  # fmt: skip
+        # Memory at the end of every round: one reading varies by up to a MiB.
+        mem_rounds: list[dict[str, dict[str, int]]] = []
         rng = random.Random(args.seed)  # noqa: S311 (an order, not a secret)
         for r in range(args.rounds):
             rng.shuffle(tasks)
             for section, key, task in tasks:
                 results[section][key].append(task())
+            mem_rounds.append({name: memory(pid) for name, pid in pids.items() if pid})
             print(f"\rround {r + 1}/{args.rounds}", end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
-        pids = {"privsock": creator.pid, "c_helper": c_helper.proc.pid,
-                "min_helper": min_helper.proc.pid}  # fmt: skip
-        results["memory_kib"] = {name: memory(pid) for name, pid in pids.items() if pid}
+        results["memory_kib_rounds"] = mem_rounds
+        results["memory_kib"] = {
+            name: {key: int(statistics.median(m[name][key] for m in mem_rounds))
+                   for key in mem_rounds[0][name]}
+            for name in mem_rounds[0]
+        }  # fmt: skip
     results["pipelined_requests"] = npipe
     return results
 
