@@ -1,11 +1,12 @@
 """The copy of the tree a mutation is applied to, with a venv of its own.
 
 Why a copy needs its own venv: .venv holds an *editable* install, a .pth file
-that puts this checkout on every interpreter's sys.path, and the helper is
-started as ``python -I -m privsock.helper.main`` (isolated mode ignores
-PYTHONPATH). Tests run in a plain copy would import, and start helpers from,
-the real tree. So the copy gets a copy of .venv whose .pth file and script
-shebangs point at the copy (mutate.run proves it before it starts).
+that puts .venv/privsock-src (a link to this checkout's privsock/) on every
+interpreter's sys.path, and the helper is started as ``python -I -S`` with
+that directory named (isolated mode ignores PYTHONPATH). Tests run in a plain
+copy would import, and start helpers from, the real tree. So the copy gets a
+copy of .venv, whose .pth file and link are relative and so point at the copy,
+and whose script shebangs are rewritten (mutate.run proves it before it starts).
 """
 
 from __future__ import annotations
@@ -70,13 +71,15 @@ class Workspace:
     def _copy_venv(self) -> None:
         real, copy = REPO / ".venv", self.tree / ".venv"
         subprocess.run(["cp", "-a", str(real), str(copy)], check=True)
-        # The compat-mode editable install (scripts/bootstrap): one line, the checkout.
-        paths = list(copy.glob("lib/python*/site-packages/__editable__.privsock-*.pth"))
-        if len(paths) != 1:
-            raise ModelError(f"expected one editable privsock .pth file in {real}, found {paths}")
-        if paths[0].read_text().splitlines() != [str(REPO)]:
-            raise ModelError(f"{paths[0].name} does not hold just {REPO} (run scripts/bootstrap)")
-        paths[0].write_text(f"{self.tree}\n")
+        # The editable install (scripts/bootstrap): a .pth line naming .venv/privsock-src,
+        # and there a link to privsock/, both relative, so the copy's point at the copy.
+        link = copy / "privsock-src" / "privsock"
+        if not link.is_symlink() or os.readlink(link) != "../../privsock":
+            raise ModelError(f"{link} is not the link ../../privsock (run scripts/bootstrap)")
+        for pth in copy.glob("lib/python*/site-packages/__editable__.privsock-*.pth"):
+            if pth.read_text().splitlines() != ["../../../privsock-src"]:
+                raise ModelError(f"{pth.name} does not name ../../../privsock-src "
+                                 "(run scripts/bootstrap)")  # fmt: skip
         # Console scripts (privsock, privsock-helper, pytest) name the real
         # interpreter in their shebang.
         shebang = f"#!{real}/bin/".encode()
@@ -87,7 +90,7 @@ class Workspace:
                     script.write_bytes(f"#!{copy}/bin/".encode() + data[len(shebang) :])
 
     def _check_imports(self) -> None:
-        probe = "import privsock.helper.main as m; print(m.__file__)"
+        probe = "import os, privsock.helper.main as m; print(os.path.realpath(m.__file__))"
         out = subprocess.run(
             [str(self.python), "-I", "-c", probe],
             capture_output=True, text=True, check=True, cwd="/",

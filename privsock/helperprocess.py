@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
+import importlib.util
 import os
 import signal
 import socket
@@ -89,8 +91,36 @@ def shutdown_on_signals(
         signal.signal(sig, _exit)
 
 
+# The helper's imports from outside the standard library (tests/test_layout.py
+# holds it to this list).
+HELPER_PACKAGES = ("privsock", "prctl", "_prctl", "pyseccomp")
+
+
+@functools.cache
+def helper_path() -> tuple[str, ...]:
+    """The directories that hold HELPER_PACKAGES, where this process finds them."""
+    found: list[str] = []
+    for name in HELPER_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise HelperStartError(None, f"cannot find {name}, which the helper imports")
+        # A package is found in its directory's parent; a module, in its file's directory.
+        where = spec.submodule_search_locations
+        entry = os.path.dirname(os.path.normpath(where[0]) if where else spec.origin)
+        if entry not in found:
+            found.append(entry)
+    return tuple(found)
+
+
 def default_helper_argv() -> list[str]:
-    return [sys.executable, "-I", "-m", HELPER_MODULE]
+    """``python -I -S``: no site, so no .pth file, sitecustomize or site-packages
+    finder runs as root before the helper's first line. Its sys.path is the
+    standard library, then exactly the directories of HELPER_PACKAGES."""
+    boot = (
+        f"import sys; sys.path += {list(helper_path())!r}; "
+        f"from {HELPER_MODULE} import main; main()"
+    )
+    return [sys.executable, "-I", "-S", "-c", boot]
 
 
 class HelperProcess:

@@ -1,0 +1,85 @@
+"""How the boss starts the helper: `python -I -S` with an explicit sys.path, so
+no site code (.pth files, sitecustomize, setuptools' hooks) runs as root before
+the helper's first line, and the helper imports only the standard library and
+helperprocess.HELPER_PACKAGES."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from privsock.client import SocketCreator
+from privsock.helperprocess import HELPER_ENV, HELPER_PACKAGES, default_helper_argv, helper_path
+
+SITE_PACKAGES = Path(sysconfig.get_paths()["purelib"])
+
+
+@pytest.fixture
+def planted_pth(tmp_path: Path) -> Iterator[Path]:
+    """A .pth file in this venv's site-packages that leaves a file named after
+    the pid of every interpreter that runs it, into ``tmp_path/ran``."""
+    ran = tmp_path / "ran"
+    ran.mkdir()
+    pth = SITE_PACKAGES / f"zz-privsock-test-{os.getpid()}.pth"
+    pth.write_text(f"import os; open(os.path.join({str(ran)!r}, str(os.getpid())), 'w').close()\n")
+    try:
+        yield ran
+    finally:
+        pth.unlink()
+
+
+@pytest.mark.root
+def test_no_pth_file_runs_in_the_helper(planted_pth: Path, test_policy: Path) -> None:
+    # The control: an interpreter of this venv started as before (-I, with site) runs it.
+    control = subprocess.run(
+        [sys.executable, "-I", "-c", "import os; print(os.getpid())"],
+        capture_output=True, text=True, check=True, env=HELPER_ENV,
+    )  # fmt: skip
+    assert (planted_pth / control.stdout.strip()).exists(), "the planted .pth file is not live"
+    with SocketCreator(str(test_policy), audit_sink=None) as creator:
+        creator.create("udp", "127.0.0.1", 1000).close()
+        helper_pid = creator.pid
+    assert helper_pid is not None
+    assert not (planted_pth / str(helper_pid)).exists(), "site code ran as root in the helper"
+
+
+def _loaded_files(argv: list[str]) -> dict[str, str]:
+    # The helper's own boot line, with main() replaced by a report of its modules.
+    boot = argv[-1].replace(
+        "main()",
+        "import json; print(json.dumps({n: getattr(m, '__file__', None) or '' "
+        "for n, m in sys.modules.items()}))",
+    )
+    assert boot != argv[-1]
+    done = subprocess.run([*argv[:-1], boot], capture_output=True, text=True, check=True,
+                          env=HELPER_ENV, cwd="/")  # fmt: skip
+    loaded: dict[str, str] = json.loads(done.stdout)
+    return loaded
+
+
+def test_the_helper_imports_only_the_standard_library_and_its_packages() -> None:
+    argv = default_helper_argv()
+    assert argv[1:4] == ["-I", "-S", "-c"]
+    loaded = _loaded_files(argv)
+    assert "site" not in loaded and "sitecustomize" not in loaded
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    outside = {}
+    for name, file in loaded.items():
+        if name == "json" or name.startswith("json."):  # the report's own
+            continue
+        top = name.split(".")[0]
+        if not file or Path(file).resolve().is_relative_to(stdlib):
+            continue
+        if top in HELPER_PACKAGES and any(file.startswith(d + os.sep) for d in helper_path()):
+            continue
+        outside[name] = file
+    assert outside == {}, f"the helper imports from outside the standard library: {outside}"
+    # Every package it is given is one it imports.
+    assert {n.split(".")[0] for n in loaded} >= set(HELPER_PACKAGES)
