@@ -15,7 +15,8 @@ what it can say of Landlock from outside.
   command line says how it was started.
 
 The profile is chosen from the process's command line (the helper runs
-``privsock.helper.main`` or ``privsock-helper``) unless ``--expect`` names it.
+``privsock.helper.main``, as a module or from ``-c``, or ``privsock-helper``)
+unless ``--expect`` names it.
 """
 
 from __future__ import annotations
@@ -35,8 +36,13 @@ CONNECT_SERVER_OK = ("hardened: non-root, no inheritable, permitted, effective o
 
 
 def is_helper_command(argv: list[str]) -> bool:
-    return any(arg == "privsock.helper.main" or os.path.basename(arg) == "privsock-helper"
-               for arg in argv)  # fmt: skip
+    for before, arg in zip(["", *argv], argv, strict=False):
+        if arg == "privsock.helper.main" or os.path.basename(arg) == "privsock-helper":
+            return True
+        # SocketCreator's start: python -I -S -c "...; from privsock.helper.main import main; ..."
+        if before == "-c" and arg.endswith("from privsock.helper.main import main; main()"):
+            return True
+    return False
 
 
 def choose(argv: list[str], expect: str | None) -> tuple[str, str]:

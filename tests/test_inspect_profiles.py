@@ -16,6 +16,7 @@ import pytest
 from privsock.client import SocketCreator
 from privsock.helper.exitcodes import Exit
 from privsock.helper.procstatus import parse_status
+from privsock.helperprocess import default_helper_argv
 from privsock.inspection import PROFILES, choose, server_verdict
 
 from .helper_proc import DROPPED_STATUS
@@ -63,6 +64,9 @@ def test_the_server_profile_finds_every_difference(
         (["/usr/bin/python3", "-I", "-m", "privsock.helper.main", "--policy", "p"], "helper"),
         (["/usr/bin/python3", "/usr/bin/privsock-helper", "--policy", "p"], "helper"),
         (["privsock-helper"], "helper"),
+        ([*default_helper_argv(), "--policy", "p"], "helper"),
+        (["python3", "-c", "print('from privsock.helper.main import main;')"], "server"),
+        (["python3", "-I", "from privsock.helper.main import main; main()"], "server"),
         (["gunicorn", "app:app"], "server"),
         (["python3", "-m", "privsock.helper.mainly"], "server"),
         ([], "server"),
