@@ -15,7 +15,7 @@ import sys
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from privsock.helper.drop import NOFILE_LIMIT
 
@@ -64,8 +64,7 @@ STATUS_FD = 9
 BIND_FDS = (1, *range(3, NOFILE_LIMIT))
 
 
-@dataclass(frozen=True, slots=True)
-class Allowed:
+class Allowed(NamedTuple):
     syscall: str
     why: str
     args: tuple[tuple[sc.Arg, ...], ...] = ((),)  # ORed rules of ANDed conditions
