@@ -121,7 +121,7 @@ def check_accepted(policy: Policy) -> None:
     assert policy.allow or policy.deny
     for rules, kind in ((policy.allow, "allow"), (policy.deny, "deny")):
         for index, rule in enumerate(rules):
-            assert (rule.kind, rule.index) == (kind, index)
+            assert (rule.kind, rule.position) == (kind, index)
             assert rule.transports and rule.transports <= set(Transport)
             assert rule.ports
             ordered = sorted(rule.ports)

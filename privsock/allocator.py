@@ -22,7 +22,6 @@ thread-safe; it never closes the SocketCreator it was given.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import socket
 import threading
@@ -173,7 +172,7 @@ class SocketAllocator:
         opts = {"reuseaddr": reuseaddr, "reuseport": reuseport, "v6only": v6only}
         udp_key = arguments.build_create("udp", address, port, **opts)  # a caller's bug
         _share(share), _app(app)
-        pair = f"{_what(udp_key)} + {_what(dataclasses.replace(udp_key, transport=Transport.TCP))}"
+        pair = f"{_what(udp_key)} + {_what(udp_key._replace(transport=Transport.TCP))}"
         with self._lock:
             try:
                 udp = self.get_bound_socket(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +36,23 @@ def test_helper_entry_point_loads_only_the_helper_folder() -> None:
     assert outside == {}, f"the helper loads boss-side modules: {outside}"
     # The package's own __init__ is loaded as the parent; it must import nothing itself.
     assert set(_loaded_by("privsock")) == {"privsock"}
+
+
+def test_the_helper_loads_neither_dataclasses_nor_inspect() -> None:
+    # Its records are NamedTuples: dataclasses brings inspect, ast, dis and
+    # tokenize, about 1 MiB of a serving helper (bench/README.md). -S, as an
+    # installed helper runs, so the venv's own start-up imports do not count.
+    probe = (
+        "import sys\n"
+        f"sys.path[1:1] = [{str(ROOT)!r}, {sysconfig.get_paths()['purelib']!r}]\n"
+        "import privsock.helper.main\n"
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", probe], capture_output=True,
+                          text=True, check=True, cwd="/")  # fmt: skip
+    loaded = set(done.stdout.split())
+    assert "privsock.helper.main" in loaded
+    assert loaded & {"dataclasses", "inspect", "ast", "dis", "tokenize"} == set()
 
 
 def test_every_helper_module_is_loaded_by_the_helper() -> None:

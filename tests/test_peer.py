@@ -4,7 +4,6 @@ check-policy's account of who gets what, and the helper judging real peers
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import json
 import os
@@ -181,7 +180,7 @@ def test_groups_match_the_primary_and_the_supplementary_groups() -> None:
 
 
 def _with_ids(rule: Rule, uids: set[int] | None = None, gids: set[int] | None = None) -> Rule:
-    return dataclasses.replace(rule, uids=frozenset(uids or ()), gids=frozenset(gids or ()))
+    return rule._replace(uids=frozenset(uids or ()), gids=frozenset(gids or ()))
 
 
 def test_fail_closed_when_the_peer_cannot_be_seen() -> None:

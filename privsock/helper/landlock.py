@@ -21,7 +21,7 @@ import ctypes
 import errno
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # arch/x86/entry/syscalls/syscall_64.tbl
 SYS_LANDLOCK_CREATE_RULESET = 444
@@ -91,8 +91,7 @@ class Unavailable(Exception):
     """The kernel (or a seccomp filter in front of it) offers no Landlock."""
 
 
-@dataclass(frozen=True, slots=True)
-class Applied:
+class Applied(NamedTuple):
     abi: int  # the kernel's ABI version
     fs: int  # handled filesystem rights
     net: int  # handled network rights (0 below ABI 4: no port rules)

@@ -37,7 +37,7 @@ import socket
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from privsock.helper import (
     auditrecord,
@@ -111,8 +111,7 @@ def _warm_up(policy: Policy) -> None:
     time.monotonic()
 
 
-@dataclass(frozen=True, slots=True)
-class Hardened:
+class Hardened(NamedTuple):
     """What start-up hands the serving loop."""
 
     chan: socket.socket  # fd 0, the channel to the boss
@@ -123,8 +122,7 @@ class Hardened:
     shared: bool  # fd 0 came from accept(): a helper shared by every user of a socket
 
 
-@dataclass(frozen=True, slots=True)
-class _Locked:
+class _Locked(NamedTuple):
     """Steps 2-6 done: the policy, and what step 9 checks against."""
 
     policy: Policy

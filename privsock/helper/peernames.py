@@ -8,7 +8,6 @@ names the key, e.g. ``allow[0].users[1]: no user "alcie" on this system``.
 
 from __future__ import annotations
 
-import dataclasses
 import grp
 import pwd
 from collections.abc import Callable
@@ -19,8 +18,7 @@ from privsock.helper.policyparse import PolicyError
 
 def resolve(policy: Policy, source: str) -> Policy:
     """``policy`` with every rule's ``uids``/``gids`` filled in; raises PolicyError."""
-    return dataclasses.replace(
-        policy,
+    return policy._replace(
         allow=tuple(_rule(r, source) for r in policy.allow),
         deny=tuple(_rule(r, source) for r in policy.deny),
     )
@@ -29,7 +27,7 @@ def resolve(policy: Policy, source: str) -> Policy:
 def _rule(rule: Rule, source: str) -> Rule:
     uids = _ids(rule.users, lambda n: pwd.getpwnam(n).pw_uid, "user", rule, source)
     gids = _ids(rule.groups, lambda n: grp.getgrnam(n).gr_gid, "group", rule, source)
-    return dataclasses.replace(rule, uids=uids, gids=gids)
+    return rule._replace(uids=uids, gids=gids)
 
 
 def _ids(

@@ -45,8 +45,7 @@ import bisect
 import ipaddress
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from privsock.helper.protocol import Create, Option, Reason, Transport
 
@@ -67,15 +66,15 @@ GRANTABLE: dict[Transport, Option] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class RateLimit:
+class RateLimit(NamedTuple):
     rate: float  # tokens per second
     burst: int
 
 
-@dataclass(frozen=True, slots=True)
-class Rule:
-    index: int
+class Rule(NamedTuple):
+    # Its index in the file's [[allow]] or [[deny]] list (named otherwise: a
+    # NamedTuple field called index would hide tuple.index).
+    position: int
     kind: Literal["allow", "deny"]
     transports: frozenset[Transport]
     ports: tuple[tuple[int, int], ...]  # inclusive ranges, in file order
@@ -90,19 +89,17 @@ class Rule:
 
     @property
     def name(self) -> str:
-        return f"{self.kind}[{self.index}]"
+        return f"{self.kind}[{self.position}]"
 
 
-@dataclass(frozen=True, slots=True)
-class Connections:
+class Connections(NamedTuple):
     """[connections]: a shared helper's bound on helpers per peer uid (slots.py)."""
 
     per_user: int
     lock_dir: str
 
 
-@dataclass(frozen=True, slots=True)
-class Peer:
+class Peer(NamedTuple):
     """The process on the other end of the channel, as the kernel saw it when it
     connected (or created the socketpair)."""
 
@@ -112,8 +109,7 @@ class Peer:
     groups: frozenset[int] | None  # supplementary groups; None if the kernel's list did not fit
 
 
-@dataclass(frozen=True, slots=True)
-class Policy:
+class Policy(NamedTuple):
     user: str
     group: str
     rate_limit: RateLimit
@@ -125,8 +121,7 @@ class Policy:
     connections: Connections | None = None  # None: no bound per user
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     allowed: bool
     reason: Reason | None  # None when allowed
     rule: str  # "allow[0]", "deny[1]" or "default"
@@ -141,8 +136,7 @@ _TRANSPORT, _ADDRESS, _OPTION = 1, 2, 3
 _V6ONLY = int(Option.V6ONLY)
 
 
-@dataclass(frozen=True, slots=True)
-class Compiled:
+class Compiled(NamedTuple):
     """A rule as ``judge`` reads it: plain integers, precomputed once per peer."""
 
     name: str
@@ -151,8 +145,7 @@ class Compiled:
     grants: dict[int, int]  # transport -> the option bits an allow rule grants on it
 
 
-@dataclass(frozen=True, slots=True)
-class Rules:
+class Rules(NamedTuple):
     """The rules that apply to one peer, cut by port: ``starts`` is sorted, and the
     ports from starts[i] up to the next start are in exactly the deny and allow
     rules of ``rules[i]`` (each in file order)."""

@@ -507,8 +507,8 @@ def _covering_denies(rule: Rule, deny: list[Rule]) -> list[Rule]:
                 for network in rule.networks:
                     if not covered(network, [n for d in over for n in d.networks]):
                         return []
-                    used.update(d.index for d in over if denies_some(d, network))
-    return [d for d in deny if d.index in used]
+                    used.update(d.position for d in over if denies_some(d, network))
+    return [d for d in deny if d.position in used]
 
 
 # ---------------------------------------------------------------------------

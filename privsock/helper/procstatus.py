@@ -10,7 +10,7 @@ CAP_NET_BIND_SERVICE, CapInh = CapAmb = 0, NoNewPrivs = 1 and Seccomp = 2
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from privsock.helper.caps import NET_BIND_SERVICE_MASK
 
@@ -44,8 +44,7 @@ class StatusFormatError(ValueError):
     """The text is not a /proc/PID/status we understand."""
 
 
-@dataclass(frozen=True, slots=True)
-class ProcStatus:
+class ProcStatus(NamedTuple):
     pid: int
     name: str
     uids: tuple[int, int, int, int]  # real, effective, saved, filesystem

@@ -38,7 +38,7 @@ import enum
 import ipaddress
 import socket
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 MAGIC = b"PS"
 VERSION = 1
@@ -133,8 +133,11 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _ADDRESS_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
 
 
-@dataclass(frozen=True, slots=True)
-class Create:
+# The helper's record types are NamedTuples, not dataclasses: importing dataclasses
+# loads inspect, ast and dis, about 1 MiB of a serving helper. A NamedTuple is a
+# tuple and equals any tuple of the same values, so code that can hold more than
+# one kind of record tells them apart with isinstance, never with ==.
+class Create(NamedTuple):
     """CREATE: a socket of ``transport`` bound to (address, port), with ``options``."""
 
     request_id: int
@@ -148,8 +151,7 @@ class Create:
         return Family.IPV4 if self.address.version == 4 else Family.IPV6
 
 
-@dataclass(frozen=True, slots=True)
-class Ping:
+class Ping(NamedTuple):
     """PING: answered OK once the helper serves; carries nothing else."""
 
     request_id: int
@@ -159,8 +161,7 @@ class Ping:
 Request = Create | Ping
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
     status: Status
     request_id: int
     detail: int = 0  # errno for OS_ERROR, retry-after ms for RATE_LIMITED

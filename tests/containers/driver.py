@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +53,7 @@ WAIT = 30.0  # seconds for any one network wait; the harness bounds the whole ru
 
 def status_of(pid: int | str) -> dict[str, Any]:
     st = parse_status(Path(f"/proc/{pid}/status").read_text())
-    facts = asdict(st)
+    facts: dict[str, Any] = st._asdict()
     facts["verdict"] = verdict(st)
     return facts
 
