@@ -93,7 +93,7 @@ def shutdown_on_signals(
 
 # The helper's imports from outside the standard library (tests/test_layout.py
 # holds it to this list).
-HELPER_PACKAGES = ("privsock", "prctl", "_prctl", "pyseccomp")
+HELPER_PACKAGES = ("privsock", "prctl", "_prctl")
 
 
 @functools.cache

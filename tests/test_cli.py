@@ -105,7 +105,7 @@ def test_inspect_says_a_running_helper_is_hardened(creator: SocketCreator) -> No
 INSPECT_WITHOUT_LANDLOCK = """
 import errno, sys
 from privsock import cli
-from privsock.helper.seccomp_filter import sc
+import pyseccomp as sc
 runtime = sc.SyscallFilter(sc.ALLOW)
 runtime.add_rule(sc.ERRNO(errno.ENOSYS), "landlock_create_ruleset")
 runtime.load()

@@ -493,7 +493,7 @@ def test_helper_that_cannot_prove_its_hardening_does_not_serve(
 
 UNDER_A_FILTER = """
 import os, sys
-from privsock.helper.seccomp_filter import sc
+import pyseccomp as sc
 flt = sc.SyscallFilter(sc.ALLOW)  # what a container runtime's profile looks like from here
 flt.add_rule(sc.ERRNO(1), "acct")
 flt.load()

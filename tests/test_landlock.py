@@ -314,7 +314,7 @@ FAKE_APPLY = (
 HIDE_LANDLOCK = (
     "import errno\n"
     "from privsock.helper import main\n"
-    "from privsock.helper.seccomp_filter import sc\n"
+    "import pyseccomp as sc\n"
     "runtime = sc.SyscallFilter(sc.ALLOW)\n"
     "for name in ('landlock_create_ruleset', 'landlock_add_rule', 'landlock_restrict_self'):\n"
     "    runtime.add_rule(sc.ERRNO(errno.ENOSYS), name)\n"

@@ -173,7 +173,7 @@ def test_helper_refuses_to_serve_when_a_drop_step_fails(root: None, test_policy:
 # helper's own: Seccomp reads 2 either way, only the filter count tells.
 SKIP_OWN_FILTER = (
     "from privsock.helper import main, seccomp_filter\n"
-    "from privsock.helper.seccomp_filter import sc\n"
+    "import pyseccomp as sc\n"
     "runtime = sc.SyscallFilter(sc.ALLOW)\n"
     "runtime.add_rule(sc.ERRNO(1), 'acct')\n"
     "runtime.load()\n"
@@ -205,6 +205,34 @@ def test_helper_refuses_to_serve_without_its_own_filter_under_a_runtimes(
     assert code == Exit.OSERR, err
     assert b"not hardened as promised, refusing to serve" in err
     assert b"Seccomp_filters is 1, expected 2" in err
+
+
+# One rule more in the allowlist, which libseccomp cannot add as asked: a
+# syscall x86_64 lacks (libseccomp would accept it and add nothing), or a
+# condition on a seventh argument. The filter must not load without it.
+BAD_RULE = (
+    "from privsock.helper import main, seccomp_filter\n"
+    "from privsock.helper.libseccomp import CMP_EQ, Arg\n"
+    "seccomp_filter.ALLOWLIST += (seccomp_filter.Allowed({}),)\n"
+    "main.main()\n"
+)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        "'socketcall', 'i386 only'",
+        "'write', 'a seventh argument', ((Arg(6, CMP_EQ, 2),),)",
+    ],
+    ids=["foreign-syscall", "refused-rule"],
+)
+def test_helper_refuses_to_serve_when_a_rule_cannot_be_added(
+    root: None, test_policy: Path, rule: str
+) -> None:
+    code, err = _refusal(test_policy, BAD_RULE.format(rule))
+    assert code == Exit.OSERR, err
+    assert b"loading the seccomp filter failed: " in err
+    assert err.count(b"\n") == 1, err  # the one line, no traceback
 
 
 @pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_DGRAM], ids=["stream", "dgram"])

@@ -8,42 +8,12 @@ filtered wherever the value is a plain integer (seccomp cannot read pointers).
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import socket
-import sys
-import types
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import NamedTuple
 
+from privsock.helper import libseccomp as scmp
 from privsock.helper.drop import NOFILE_LIMIT
-
-_SONAMES = {"seccomp": "libseccomp.so.2", "c": "libc.so.6"}
-
-
-@contextmanager
-def _direct_sonames() -> Iterator[None]:
-    # pyseccomp calls ctypes.util.find_library() at import, which runs ldconfig
-    # twice (about 50 ms, and it fails where ldconfig is missing); importing
-    # ctypes.util alone costs about 6 ms and 1.5 MiB (subprocess, shutil,
-    # tempfile...). The sonames are fixed on Linux, so pyseccomp gets a
-    # ctypes.util that knows just these two, for the time of its import.
-    stub = types.ModuleType("ctypes.util")
-    stub.find_library = _SONAMES.get  # type: ignore[attr-defined]
-    saved = sys.modules.get("ctypes.util")
-    sys.modules["ctypes.util"] = ctypes.util = stub  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        if saved is None:
-            del sys.modules["ctypes.util"], ctypes.util  # type: ignore[attr-defined]
-        else:
-            sys.modules["ctypes.util"] = ctypes.util = saved  # type: ignore[attr-defined]
-
-
-with _direct_sonames():
-    import pyseccomp as sc
 
 # Both socket type flags the kernel accepts ORed into `type`; masked off so that
 # SOCK_CLOEXEC (which Python always adds) does not need its own rule.
@@ -67,11 +37,11 @@ BIND_FDS = (1, *range(3, NOFILE_LIMIT))
 class Allowed(NamedTuple):
     syscall: str
     why: str
-    args: tuple[tuple[sc.Arg, ...], ...] = ((),)  # ORed rules of ANDed conditions
+    args: tuple[tuple[scmp.Arg, ...], ...] = ((),)  # ORed rules of ANDed conditions
 
 
-def _eq(arg: int, value: int) -> sc.Arg:
-    return sc.Arg(arg, sc.EQ, value)
+def _eq(arg: int, value: int) -> scmp.Arg:
+    return scmp.Arg(arg, scmp.CMP_EQ, value)
 
 
 ALLOWLIST: tuple[Allowed, ...] = (
@@ -81,7 +51,7 @@ ALLOWLIST: tuple[Allowed, ...] = (
         "socket",
         "create the requested socket: AF_INET/AF_INET6, STREAM/DGRAM, protocol 0 only",
         tuple(
-            (_eq(0, family), sc.Arg(1, sc.MASKED_EQ, _TYPE_MASK, kind), _eq(2, 0))
+            (_eq(0, family), scmp.Arg(1, scmp.CMP_MASKED_EQ, _TYPE_MASK, kind), _eq(2, 0))
             for family in (socket.AF_INET, socket.AF_INET6)
             for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM)
         ),
@@ -114,7 +84,7 @@ ALLOWLIST: tuple[Allowed, ...] = (
     Allowed(
         "mmap",
         "the Python allocator; never with PROT_EXEC",
-        ((sc.Arg(2, sc.MASKED_EQ, mmap.PROT_EXEC, 0),),),
+        ((scmp.Arg(2, scmp.CMP_MASKED_EQ, mmap.PROT_EXEC, 0),),),
     ),
     Allowed("munmap", "the Python allocator returns memory"),
     Allowed("mremap", "glibc realloc of large blocks"),
@@ -125,17 +95,23 @@ ALLOWLIST: tuple[Allowed, ...] = (
 )
 
 
-def build() -> sc.SyscallFilter:
-    flt = sc.SyscallFilter(sc.KILL_PROCESS)
-    # A syscall from another ABI (i386, x32) would bypass the x86_64 numbers.
-    flt.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
-    for entry in ALLOWLIST:
-        for conditions in entry.args:
-            flt.add_rule(sc.ALLOW, entry.syscall, *conditions)
+def build() -> scmp.Filter:
+    """The filter, not loaded yet; the caller releases it (a ``with`` block)."""
+    flt = scmp.Filter(scmp.ACT_KILL_PROCESS)
+    try:
+        # A syscall from another ABI (i386, x32) would bypass the x86_64 numbers.
+        flt.set_attr(scmp.FLTATR_ACT_BADARCH, scmp.ACT_KILL_PROCESS)
+        for entry in ALLOWLIST:
+            for conditions in entry.args:
+                flt.add_rule(scmp.ACT_ALLOW, entry.syscall, conditions)
+    except BaseException:
+        flt.release()
+        raise
     return flt
 
 
 def load() -> None:
     """Install the filter on this process. Irreversible; requires no_new_privs
     to be set already (or CAP_SYS_ADMIN, which the helper never has)."""
-    build().load()
+    with build() as flt:
+        flt.load()
