@@ -8,7 +8,7 @@ POLICY ?= policy/default.toml
 
 .PHONY: run deb test test-fast test-containers lint audit audit-fast bench fuzz bootstrap bootstrap-dev bootstrap-containers clean
 
-## The runtime only: privsock and its two dependencies (what `make run` needs).
+## The runtime only: privsock and its one dependency, python-prctl (what `make run` needs).
 bootstrap:
 	@scripts/bootstrap
 

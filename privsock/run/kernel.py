@@ -2,9 +2,9 @@
 filter that hands bind() to a supervisor, the user-notification ioctls,
 pidfd_open/pidfd_getfd and process_vm_readv.
 
-libseccomp 2.5.4 (and so pyseccomp) has neither SECCOMP_IOCTL_NOTIF_ADDFD nor
-SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV, and pyseccomp receives notifications
-only through the filter object that loaded the filter, in the same process.
+libseccomp 2.5.4 has neither SECCOMP_IOCTL_NOTIF_ADDFD nor
+SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV, and hands out the notification fd
+only through the filter context that loaded the filter, in the same process.
 So the filter is a hand-built six-instruction BPF program and the rest are
 raw syscalls and ioctls. Every constant names where it comes from; the
 headers are the kernel's uapi (include/uapi/linux/seccomp.h, filter.h,

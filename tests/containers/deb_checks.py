@@ -140,8 +140,7 @@ def purged() -> dict[str, object]:
     out["groups"] = [run("getent", "group", g).returncode for g in ("privsock", "privsock-clients")]
     out["left"] = [p for p in (
         "/etc/privsock", "/usr/bin/privsock", "/usr/sbin/privsock-helper",
-        "/usr/lib/python3/dist-packages/privsock", "/usr/lib/python3/dist-packages/pyseccomp.py",
-        "/usr/lib/python3/dist-packages/__pycache__/pyseccomp.cpython-311.pyc",
+        "/usr/lib/python3/dist-packages/privsock",
         "/usr/share/doc/privsock", "/lib/systemd/system/privsock-helper.socket",
         "/lib/systemd/system/privsock-helper@.service", "/run/privsock",
     ) if os.path.lexists(p)]
