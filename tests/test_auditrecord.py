@@ -13,7 +13,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from privsock.auditjson import encode, parse, record
-from privsock.helper.auditrecord import FIELDS, address_text, line, option_names, rfc3339
+from privsock.helper.auditrecord import (
+    FIELDS,
+    Lines,
+    address_text,
+    line,
+    option_names,
+    rfc3339,
+)
 from privsock.helper.protocol import Create, Option, Ping, Transport
 
 V4 = ipaddress.IPv4Address("192.0.2.10")
@@ -284,6 +291,9 @@ requests = st.one_of(
 )
 _maybe_int = st.none() | st.integers(0, 2**64)
 _maybe_text = st.none() | st.text() | st.text(alphabet=st.characters(max_codepoint=0x7F))
+_decisions = st.sampled_from(
+    ["granted", "denied", "rate_limited", "malformed", "os_error", "pong"]
+) | st.text()
 
 
 @given(
@@ -292,7 +302,7 @@ _maybe_text = st.none() | st.text() | st.text(alphabet=st.characters(max_codepoi
     pid=st.integers(0, 2**32),
     request_id=st.integers(0, 0xFFFFFFFF),
     request=requests,
-    decision=st.text(),
+    decision=_decisions,
     reason=_maybe_text,
     rule=_maybe_text,
     errno=_maybe_int,
@@ -313,6 +323,29 @@ def test_line_is_encode_of_record_byte_for_byte(**kw: Any) -> None:
         assert rec[field] == kw[key], field
     if isinstance(kw["request"], Create):
         assert ipaddress.ip_address(rec["address"]) == kw["request"].address
+
+
+# A helper's session writes every line through one Lines: reused, it must give
+# what line() gives for each.
+_ONE_WRITER = Lines(side="helper", pid=4321, peer_uid=2001, peer_pid=77)
+
+
+@given(
+    now=st.floats(min_value=0.0, max_value=4102444800.0),
+    request_id=st.integers(0, 0xFFFFFFFF),
+    request=requests,
+    decision=_decisions,
+    reason=_maybe_text,
+    rule=_maybe_text,
+    errno=_maybe_int,
+    retry_ms=_maybe_int,
+)
+def test_one_writers_lines_are_line_each_time(**kw: Any) -> None:
+    got = _ONE_WRITER.line(
+        kw["now"], kw["request_id"], kw["request"], kw["decision"],
+        kw["reason"], kw["rule"], kw["errno"], kw["retry_ms"],
+    )  # fmt: skip
+    assert got == line(side="helper", pid=4321, peer_uid=2001, peer_pid=77, **kw)
 
 
 @given(addresses)

@@ -101,6 +101,56 @@ _OPTION_LISTS = tuple(
 _TRANSPORT_TEXT = {1: '"udp"', 2: '"tcp"'}
 
 
+# The decisions (FIELDS above), quoted once.
+_DECISIONS = {
+    d: jsontext.string(d)
+    for d in ("granted", "denied", "rate_limited", "malformed", "os_error", "pong")
+}
+
+
+class Lines:
+    """The lines of one writer. What never changes for it (side, pid, its peer)
+    is formatted once; ``line`` formats the rest, field by field in FIELDS' order."""
+
+    __slots__ = ("_head", "_tail")
+
+    def __init__(
+        self, *, side: str, pid: int, peer_uid: int | None = None, peer_pid: int | None = None
+    ) -> None:
+        self._head = f',"side":{_string(side)},"pid":{_number(pid)},"id":'
+        self._tail = (
+            f',"peer_uid":{_number(peer_uid)},"peer_pid":{_number(peer_pid)},'
+            '"user":null,"command":null}\n'
+        )
+
+    def line(
+        self,
+        now: float,
+        request_id: int,
+        request: Request | None,
+        decision: str,
+        reason: str | None = None,
+        rule: str | None = None,
+        errno: int | None = None,
+        retry_ms: int | None = None,
+    ) -> bytes:
+        if isinstance(request, Create):
+            op, transport = '"CREATE"', _TRANSPORT_TEXT[request.transport]
+            address, port = f'"{address_text(request.address)}"', str(int(request.port))
+            options = _OPTION_LISTS[request.options]
+        else:
+            op = '"PING"' if isinstance(request, Ping) else "null"
+            transport = address = port = "null"
+            options = "[]"
+        return (
+            f'{{"time":"{rfc3339(now)}"{self._head}{_number(request_id)},"op":{op},'
+            f'"transport":{transport},"address":{address},"port":{port},"options":{options},'
+            f'"decision":{_DECISIONS.get(decision) or _string(decision)},'
+            f'"reason":{_string(reason)},"rule":{_string(rule)},"errno":{_number(errno)},'
+            f'"retry_ms":{_number(retry_ms)}{self._tail}'
+        ).encode("ascii")
+
+
 def line(
     *,
     now: float,
@@ -117,19 +167,6 @@ def line(
     peer_pid: int | None = None,
 ) -> bytes:
     """``encode(record(...))`` with the same arguments, byte for byte."""
-    if isinstance(request, Create):
-        op, transport = '"CREATE"', _TRANSPORT_TEXT[request.transport]
-        address, port = f'"{address_text(request.address)}"', str(int(request.port))
-        options = _OPTION_LISTS[request.options]
-    else:
-        op = '"PING"' if isinstance(request, Ping) else "null"
-        transport = address = port = "null"
-        options = "[]"
-    return (
-        f'{{"time":"{rfc3339(now)}","side":{_string(side)},"pid":{_number(pid)},'
-        f'"id":{_number(request_id)},"op":{op},"transport":{transport},"address":{address},'
-        f'"port":{port},"options":{options},"decision":{_string(decision)},'
-        f'"reason":{_string(reason)},"rule":{_string(rule)},"errno":{_number(errno)},'
-        f'"retry_ms":{_number(retry_ms)},"peer_uid":{_number(peer_uid)},'
-        f'"peer_pid":{_number(peer_pid)},"user":null,"command":null}}\n'
-    ).encode("ascii")
+    return Lines(side=side, pid=pid, peer_uid=peer_uid, peer_pid=peer_pid).line(
+        now, request_id, request, decision, reason, rule, errno, retry_ms
+    )

@@ -123,6 +123,10 @@ class Session:
         self.bucket = TokenBucket(policy.rate_limit.rate, policy.rate_limit.burst, clock(),
                                   tokens=0.0 if shared else None)  # fmt: skip
         self.pid = pid
+        self.lines = auditrecord.Lines(
+            side="helper", pid=pid, peer_uid=self.peer.uid if self.peer else None,
+            peer_pid=self.peer.pid if self.peer else None,
+        )  # fmt: skip
         self.log = log
         self.clock = clock
         self.wallclock = wallclock
@@ -131,12 +135,7 @@ class Session:
         self.granted: tuple[Create, str] | None = None
 
     def _audit(self, request_id: int, req: Request | None, decision: str, **kw: object) -> None:
-        line = auditrecord.line(
-            now=self.wallclock(), side="helper", pid=self.pid, request_id=request_id,
-            request=req, decision=decision, **kw,  # type: ignore[arg-type]
-            peer_uid=self.peer.uid if self.peer else None,
-            peer_pid=self.peer.pid if self.peer else None,
-        )  # fmt: skip
+        line = self.lines.line(self.wallclock(), request_id, req, decision, **kw)  # type: ignore[arg-type]
         self.log(line)
 
     def handle(self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int) -> tuple[
