@@ -110,8 +110,9 @@ def test_installed_files_are_the_trees(deb: Path, tmp_path: Path) -> None:
         assert (root / "lib/systemd/system" / unit).read_bytes() == (
             REPO / "deploy/systemd" / unit).read_bytes()  # fmt: skip
     service = (root / "lib/systemd/system/privsock-helper@.service").read_text()
-    assert "ExecStart=/usr/bin/python3 -I -m privsock.helper.main --policy " \
-           "/etc/privsock/policy.toml" in service
+    assert ("ExecStart=/usr/bin/python3 -I -S -c \"import sys; sys.path += "
+            "['/usr/lib/python3/dist-packages']; from privsock.helper.main import main; "
+            "main()\" --policy /etc/privsock/policy.toml") in service
     for cmd, module in (("usr/bin/privsock", "privsock.cli"),
                         ("usr/sbin/privsock-helper", "privsock.helper.main")):  # fmt: skip
         text = (root / cmd).read_text()

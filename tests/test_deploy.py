@@ -21,7 +21,7 @@ from privsock.helper import protocol
 from privsock.helper.exitcodes import Exit
 from privsock.helper.policyparse import parse_policy
 from privsock.helper.procstatus import parse_status, verdict
-from privsock.helperprocess import HELPER_ENV, default_helper_argv
+from privsock.helperprocess import HELPER_ENV, default_helper_argv, helper_path
 
 from .conftest import DEFAULT_POLICY, REPO
 from .containers.harness import PODMAN, Podman, build_rootfs, require_tools
@@ -32,6 +32,7 @@ UNITS = REPO / "deploy" / "systemd"
 SOCKET_UNIT = UNITS / "privsock-helper.socket"
 SERVICE_UNIT = UNITS / "privsock-helper@.service"
 INSTALLED_PYTHON = "/usr/bin/python3"  # Debian's, as the package installs it
+INSTALLED_PATH = "['/usr/lib/python3/dist-packages']"  # the helper's sys.path there
 SOCKET_PATH = "/run/privsock/helper.sock"
 
 
@@ -51,9 +52,10 @@ def _installed(directory: Path) -> list[Path]:
     out = []
     for unit in (SOCKET_UNIT, SERVICE_UNIT):
         text = unit.read_text()
-        assert INSTALLED_PYTHON in text or unit is SOCKET_UNIT
+        assert (INSTALLED_PYTHON in text and INSTALLED_PATH in text) or unit is SOCKET_UNIT
         (directory / unit.name).write_text(
             text.replace(INSTALLED_PYTHON, str(REPO / ".venv" / "bin" / "python"))
+            .replace(INSTALLED_PATH, repr(list(helper_path())))
         )
         out.append(directory / unit.name)
     if REPO.is_relative_to("/tmp"):
@@ -87,7 +89,7 @@ def test_units_verify_without_a_warning(tmp_path: Path) -> None:
     [
         (("NoNewPrivileges=yes", "NoNewPrivileges=yes\nNoNewPrivilegez=yes"), "Unknown key"),
         (("@system-service seccomp", "@system-servic seccomp"), "Unknown system call group"),
-        (("-m privsock.helper.main", "-m privsock.helper.main\nUser"), "Missing '='"),
+        (("\nExecStart=", "\nUser\nExecStart="), "Missing '='"),
     ],
 )
 def test_verify_reports_a_broken_unit(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -17,6 +18,8 @@ import pytest
 
 from privsock.client import SocketCreator
 from privsock.helperprocess import HELPER_ENV, HELPER_PACKAGES, default_helper_argv, helper_path
+
+from .test_deploy import INSTALLED_PATH, INSTALLED_PYTHON, SERVICE_UNIT
 
 SITE_PACKAGES = Path(sysconfig.get_paths()["purelib"])
 
@@ -48,6 +51,32 @@ def test_no_pth_file_runs_in_the_helper(planted_pth: Path, test_policy: Path) ->
         helper_pid = creator.pid
     assert helper_pid is not None
     assert not (planted_pth / str(helper_pid)).exists(), "site code ran as root in the helper"
+
+
+def _unit_argv() -> list[str]:
+    """The service unit's ExecStart, pointed at this checkout's venv as
+    tests/test_deploy.py installs it."""
+    lines = [ln for ln in SERVICE_UNIT.read_text().splitlines() if ln.startswith("ExecStart=")]
+    assert len(lines) == 1
+    text = lines[0].removeprefix("ExecStart=")
+    text = text.replace(INSTALLED_PYTHON, sys.executable, 1)
+    return shlex.split(text.replace(INSTALLED_PATH, repr(list(helper_path()))))
+
+
+def test_no_pth_file_runs_in_the_units_helper(planted_pth: Path) -> None:
+    argv = _unit_argv()
+    at = argv.index("-c") + 1
+    assert argv[at].endswith("; main()")
+    # The unit's own interpreter, options and path; the helper's imports, then its pid.
+    argv[at] = argv[at].removesuffix("main()") + "import os; print(os.getpid())"
+    done = subprocess.run(argv[: at + 1], capture_output=True, text=True, check=True,
+                          env=HELPER_ENV, cwd="/")  # fmt: skip
+    assert not (planted_pth / done.stdout.strip()).exists(), "site code ran in the unit's helper"
+    control = subprocess.run(
+        [sys.executable, "-I", "-c", "import os; print(os.getpid())"],
+        capture_output=True, text=True, check=True, env=HELPER_ENV,
+    )  # fmt: skip
+    assert (planted_pth / control.stdout.strip()).exists(), "the planted .pth file is not live"
 
 
 def _loaded_files(argv: list[str]) -> dict[str, str]:
