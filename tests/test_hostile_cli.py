@@ -201,6 +201,8 @@ POLICY_FILES: dict[str, tuple[bytes, int, str]] = {
     "nested-tables": (b"version = 1\nx = " + b"{a=" * 5000 + b"1" + b"}" * 5000 + b"\n", 65,
                       "nested too deeply"),
     "huge-version": (b"version = " + b"9" * 40 + b"\n", 65, "unsupported version"),
+    "version-5000-digits": (b"version = " + b"9" * 5000 + b"\n", 65,
+                            "invalid TOML: a number has more than 4300 digits"),
     "rate-nan": (b'version = 1\n[helper]\nuser = "privsock"\ngroup = "privsock"\n'
                  b"[rate_limit]\nrate = nan\nburst = 1\n", 65, "rate_limit.rate: nan"),
     "user-with-nul": (b'version = 1\n[helper]\nuser = "priv\\u0000sock"\ngroup = "privsock"\n',

@@ -79,6 +79,7 @@ import itertools
 import math
 import posixpath
 import re
+import sys
 import tomllib
 from typing import Literal
 
@@ -164,7 +165,10 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
             raise PolicyError(source, "document", f"invalid TOML: {_one_line(str(e))}") from None
         raise PolicyError(source, found[2], f"invalid TOML: {_one_line(found[1])}") from None
     except ValueError as e:  # int() refusing a number with thousands of digits
-        raise PolicyError(source, "document", f"invalid TOML: {_one_line(str(e))}") from None
+        why = _one_line(str(e))
+        if "integer string conversion" in why:  # Python's wording names its own API
+            why = f"a number has more than {sys.get_int_max_str_digits()} digits"
+        raise PolicyError(source, "document", f"invalid TOML: {why}") from None
     except RecursionError:
         raise PolicyError(
             source, "document", "invalid TOML: arrays or tables nested too deeply"
