@@ -75,6 +75,7 @@ from bench.startup import (
     start_python,
 )
 from privsock.client import SocketCreator
+from privsock.errors import CreatorError
 from privsock.helperprocess import default_helper_argv
 
 
@@ -180,6 +181,9 @@ def main() -> int:
         results["import_times"] = import_times()
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    except CreatorError as exc:  # a helper that refused, died or could not start
+        print(f"bench: the privsock client failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nbench: interrupted; authbind's configuration was put back", file=sys.stderr)
