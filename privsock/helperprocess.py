@@ -18,9 +18,10 @@ from __future__ import annotations
 import atexit
 import collections
 import functools
-import importlib.util
+import importlib.machinery
 import os
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -98,10 +99,17 @@ HELPER_PACKAGES = ("privsock", "prctl", "_prctl")
 
 @functools.cache
 def helper_path() -> tuple[str, ...]:
-    """The directories that hold HELPER_PACKAGES, where this process finds them."""
+    """The directories that hold HELPER_PACKAGES: privsock's is the package this
+    process runs; the others are looked up in the interpreter's own site
+    directories, where ``python -I`` finds them. Never a search of this
+    process's sys.path: its first entry may be the boss's working directory or
+    script directory, and a module planted there would run as root."""
     found: list[str] = []
     for name in HELPER_PACKAGES:
-        spec = importlib.util.find_spec(name)
+        if name == "privsock":
+            spec = sys.modules["privsock"].__spec__
+        else:
+            spec = importlib.machinery.PathFinder.find_spec(name, site.getsitepackages())
         if spec is None or spec.origin is None:
             raise HelperStartError(None, f"cannot find {name}, which the helper imports")
         # A package is found in its directory's parent; a module, in its file's directory.

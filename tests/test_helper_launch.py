@@ -112,3 +112,38 @@ def test_the_helper_imports_only_the_standard_library_and_its_packages() -> None
     assert outside == {}, f"the helper imports from outside the standard library: {outside}"
     # Every package it is given is one it imports.
     assert {n.split(".")[0] for n in loaded} >= set(HELPER_PACKAGES)
+
+
+PLANTED = """import os
+open(os.path.join(os.path.dirname(__file__), "ran-as-%d" % os.getuid()), "w").close()
+raise ImportError("planted")
+"""
+
+
+@pytest.mark.root
+def test_a_module_in_the_bosss_directory_does_not_reach_the_helper(
+    tmp_path: Path, test_policy: Path
+) -> None:
+    # A root boss run as `python -c` has its working directory first on sys.path.
+    # Another user plants a module there named like one the helper imports but
+    # the boss does not; the helper must get its packages from the install.
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    for name in ("prctl", "_prctl"):
+        (cwd / f"{name}.py").write_text(PLANTED)
+    nobody = 65534
+    os.chown(cwd, nobody, nobody)
+    boss = (
+        "import sys\n"
+        "from privsock.client import SocketCreator\n"
+        "assert 'prctl' not in sys.modules and sys.path[0] == ''\n"
+        "with SocketCreator(sys.argv[1], audit_sink=None) as c:\n"
+        "    c.create('udp', '127.0.0.1', 1000).close()\n"
+        "print('served')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", boss, str(test_policy)], cwd=cwd,
+                          capture_output=True, text=True, env=HELPER_ENV)  # fmt: skip
+    assert sorted(p.name for p in cwd.glob("ran-as-*")) == [], "a planted module ran"
+    assert done.returncode == 0 and done.stdout == "served\n", done.stderr
+    assert str(cwd) not in " ".join(default_helper_argv())
+
