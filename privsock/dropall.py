@@ -21,13 +21,12 @@ and checks /proc/self/task/*/status for each.
 
 from __future__ import annotations
 
-import dataclasses
 import grp
 import os
 import pwd
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import prctl
 
@@ -45,8 +44,7 @@ from privsock.helper.exitcodes import Exit, Refusal
 from privsock.helper.procstatus import CAP_SETS, StatusFormatError, cap_names, parse_status
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
+class Target(NamedTuple):
     """Who the exec'd program runs as."""
 
     user: str
@@ -120,7 +118,7 @@ def with_groups(target: Target, groups: Sequence[str] | None) -> Target:
             f"refusing to give the command the root group as a supplementary group "
             f"({target.user} is in it); choose the groups with --groups",
         )
-    return dataclasses.replace(target, groups=tuple(sorted(set(gids))))
+    return target._replace(groups=tuple(sorted(set(gids))))
 
 
 def check_privilege(

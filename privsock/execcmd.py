@@ -37,8 +37,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 from privsock import arguments, auditsink, detach, dropall
 from privsock.auditsink import AuditLogError, Sink
@@ -65,8 +64,7 @@ NOTHING_STARTED = "nothing was started"
 DEFAULT_RATE_WAIT = 10.0  # seconds exec waits in all for rate-limit tokens
 
 
-@dataclass(frozen=True, slots=True)
-class Listen:
+class Listen(NamedTuple):
     transport: Transport
     address: protocol.IPAddress
     port: int
