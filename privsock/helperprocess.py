@@ -18,10 +18,8 @@ from __future__ import annotations
 import atexit
 import collections
 import functools
-import importlib.machinery
 import os
 import signal
-import site
 import socket
 import subprocess
 import sys
@@ -92,38 +90,28 @@ def shutdown_on_signals(
         signal.signal(sig, _exit)
 
 
-# The helper's imports from outside the standard library (tests/test_layout.py
-# holds it to this list).
-HELPER_PACKAGES = ("privsock", "prctl", "_prctl")
+# The helper's imports from outside the standard library: privsock alone
+# (tests/test_layout.py and tests/test_helper_launch.py hold it to that).
+HELPER_PACKAGES = ("privsock",)
 
 
 @functools.cache
 def helper_path() -> tuple[str, ...]:
-    """The directories that hold HELPER_PACKAGES: privsock's is the package this
-    process runs; the others are looked up in the interpreter's own site
-    directories, where ``python -I`` finds them. Never a search of this
-    process's sys.path: its first entry may be the boss's working directory or
-    script directory, and a module planted there would run as root."""
-    found: list[str] = []
-    for name in HELPER_PACKAGES:
-        if name == "privsock":
-            spec = sys.modules["privsock"].__spec__
-        else:
-            spec = importlib.machinery.PathFinder.find_spec(name, site.getsitepackages())
-        if spec is None or spec.origin is None:
-            raise HelperStartError(None, f"cannot find {name}, which the helper imports")
-        # A package is found in its directory's parent; a module, in its file's directory.
-        where = spec.submodule_search_locations
-        entry = os.path.dirname(os.path.normpath(where[0]) if where else spec.origin)
-        if entry not in found:
-            found.append(entry)
-    return tuple(found)
+    """The directory that holds privsock (HELPER_PACKAGES), taken from the
+    package this process runs. Never a search of this process's sys.path: its
+    first entry may be the boss's working directory or script directory, and a
+    privsock planted there would run as root."""
+    spec = sys.modules["privsock"].__spec__
+    if spec is None or not spec.submodule_search_locations:
+        raise HelperStartError(None, "cannot find privsock's directory, which the helper imports")
+    # A package is found in its directory's parent.
+    return (os.path.dirname(os.path.normpath(spec.submodule_search_locations[0])),)
 
 
 def default_helper_argv() -> list[str]:
     """``python -I -S``: no site, so no .pth file, sitecustomize or site-packages
     finder runs as root before the helper's first line. Its sys.path is the
-    standard library, then exactly the directories of HELPER_PACKAGES."""
+    standard library, then exactly privsock's directory (helper_path)."""
     boot = (
         f"import sys; sys.path += {list(helper_path())!r}; "
         f"from {HELPER_MODULE} import main; main()"

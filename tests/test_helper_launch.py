@@ -125,25 +125,27 @@ def test_a_module_in_the_bosss_directory_does_not_reach_the_helper(
     tmp_path: Path, test_policy: Path
 ) -> None:
     # A root boss run as `python -c` has its working directory first on sys.path.
-    # Another user plants a module there named like one the helper imports but
-    # the boss does not; the helper must get its packages from the install.
+    # It imports privsock from the install, then changes into a directory where
+    # another user planted a privsock package: the helper must get the privsock
+    # the boss runs, not the first one its sys.path would find now.
     cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    for name in ("prctl", "_prctl"):
-        (cwd / f"{name}.py").write_text(PLANTED)
+    (cwd / "privsock" / "helper").mkdir(parents=True)
+    for name in ("__init__.py", "helper/__init__.py", "helper/main.py"):
+        (cwd / "privsock" / name).write_text(PLANTED)
     nobody = 65534
-    os.chown(cwd, nobody, nobody)
+    for path in (cwd, *cwd.rglob("*")):
+        os.chown(path, nobody, nobody)
     boss = (
-        "import sys\n"
+        "import os, sys\n"
         "from privsock.client import SocketCreator\n"
-        "assert 'prctl' not in sys.modules and sys.path[0] == ''\n"
+        "assert sys.path[0] == ''\n"
+        "os.chdir(sys.argv[2])\n"
         "with SocketCreator(sys.argv[1], audit_sink=None) as c:\n"
         "    c.create('udp', '127.0.0.1', 1000).close()\n"
         "print('served')\n"
     )
-    done = subprocess.run([sys.executable, "-c", boss, str(test_policy)], cwd=cwd,
+    done = subprocess.run([sys.executable, "-c", boss, str(test_policy), str(cwd)], cwd="/",
                           capture_output=True, text=True, env=HELPER_ENV)  # fmt: skip
-    assert sorted(p.name for p in cwd.glob("ran-as-*")) == [], "a planted module ran"
+    assert sorted(p.name for p in cwd.rglob("ran-as-*")) == [], "a planted module ran"
     assert done.returncode == 0 and done.stdout == "served\n", done.stderr
     assert str(cwd) not in " ".join(default_helper_argv())
-

@@ -55,6 +55,30 @@ def test_the_helper_loads_neither_dataclasses_nor_inspect() -> None:
     assert loaded & {"dataclasses", "inspect", "ast", "dis", "tokenize"} == set()
 
 
+def test_the_helper_imports_nothing_outside_the_standard_library_but_privsock() -> None:
+    # -S and a sys.path of the standard library and this checkout alone, so a
+    # third-party import (python-prctl, pyseccomp) would fail here; and every
+    # module it loads comes from one or the other.
+    probe = (
+        "import json, sys\n"
+        f"sys.path.append({str(ROOT)!r})\n"
+        "import privsock.helper.main\n"
+        "print(json.dumps({n: getattr(m, '__file__', None) or '' for n, m in sys.modules.items()}))"
+    )
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", probe], capture_output=True,
+                          text=True, check=False, cwd="/")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    outside = {
+        name: path
+        for name, path in json.loads(done.stdout).items()
+        if path
+        and not Path(path).resolve().is_relative_to(stdlib)
+        and not Path(path).resolve().is_relative_to(ROOT / "privsock")
+    }
+    assert outside == {}, f"the helper imports from outside the standard library: {outside}"
+
+
 def test_every_helper_module_is_loaded_by_the_helper() -> None:
     # Nothing dead or boss-only sits in the trusted folder.
     loaded = {Path(p).resolve() for p in _loaded_by("privsock.helper.main").values() if p}

@@ -183,12 +183,13 @@ SKIP_OWN_FILTER = (
 )
 
 
-def _refusal(test_policy: Path, script: str) -> tuple[int, bytes]:
-    """Run a sabotaged helper; a PING it would answer if it served, then EOF."""
+def _refusal(test_policy: Path, script: str, starter: tuple[str, ...] = ()) -> tuple[int, bytes]:
+    """Run a sabotaged helper (under ``starter``, e.g. NON_ROOT_START); a PING it
+    would answer if it served, then EOF."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with ours, theirs:
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", script, "--policy", str(test_policy)],
+            [*starter, sys.executable, "-I", "-c", script, "--policy", str(test_policy)],
             stdin=theirs, stderr=subprocess.PIPE, env=HELPER_ENV,
         )  # fmt: skip
         theirs.close()
@@ -196,6 +197,46 @@ def _refusal(test_policy: Path, script: str) -> tuple[int, bytes]:
         ours.shutdown(socket.SHUT_WR)
         _, err = proc.communicate(timeout=30)
     return proc.returncode, err
+
+
+# A drop call the kernel refuses, for real: a capset header version it does not
+# take (EINVAL), or a bounding-set drop of a capability number it does not know
+# (EINVAL). Unchecked, the first would leave it to the self-check and the
+# second would serve, every real capability dropped.
+BAD_CAPSET = (
+    "from privsock.helper import caps, main\n"
+    "caps._LINUX_CAPABILITY_VERSION_3 = 0\n"
+    "main.main()\n"
+)
+BAD_BOUNDING_DROP = (
+    "from privsock.helper import drop, main\n"
+    "assert callable(drop.cap_last)\n"
+    "drop.cap_last = lambda: 63\n"
+    "main.main()\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("start", "script", "error"),
+    [
+        ("root-start", BAD_CAPSET, b"capset(effective 0x400, permitted 0x400, inheritable 0x0): "
+                                   b"Invalid argument"),
+        ("non-root-start", BAD_CAPSET, b"capset(effective 0x400, permitted 0x400, "
+                                       b"inheritable 0x0): Invalid argument"),
+        ("root-start", BAD_BOUNDING_DROP, b"prctl(24, 41): Invalid argument"),
+    ],
+)  # fmt: skip
+def test_helper_stops_at_a_drop_call_the_kernel_refuses(
+    test_policy: Path, shared_policy: Path, start: str, script: str, error: bytes
+) -> None:
+    if start == "root-start":
+        code, err = _refusal(test_policy, script)
+    else:
+        code, err = _refusal(shared_policy, script, tuple(NON_ROOT_START))
+    assert code == Exit.OSERR, err
+    assert error in err
+    # Stopped at the call itself, not later by the self-check.
+    assert b"not hardened as promised" not in err
 
 
 def test_helper_refuses_to_serve_without_its_own_filter_under_a_runtimes(

@@ -21,16 +21,20 @@ import pwd
 import resource
 import signal
 
-import prctl
-
 from privsock.helper.caps import (
     CAP_NET_BIND_SERVICE,
+    NET_BIND_SERVICE_MASK,
     PR_CAP_AMBIENT,
     PR_CAP_AMBIENT_CLEAR_ALL,
     PR_CAPBSET_DROP,
+    PR_SET_DUMPABLE,
+    PR_SET_KEEPCAPS,
+    PR_SET_NO_NEW_PRIVS,
+    PR_SET_PDEATHSIG,
     cap_last,
+    capset,
     missing_drop_caps,
-    raw_prctl,
+    prctl,
 )
 from privsock.helper.exitcodes import Exit, Refusal
 from privsock.helper.procstatus import cap_names
@@ -109,28 +113,24 @@ def limit_nofile() -> None:
 
 
 def _set_only_bind_caps() -> None:
-    nbs = prctl.CAP_NET_BIND_SERVICE
-    others = [c for c in prctl.ALL_CAPS if c != nbs]
-    prctl.set_caps(
-        (others, [prctl.CAP_PERMITTED, prctl.CAP_EFFECTIVE, prctl.CAP_INHERITABLE], False),
-        ([nbs], [prctl.CAP_INHERITABLE], False),
-        ([nbs], [prctl.CAP_PERMITTED, prctl.CAP_EFFECTIVE], True),
-    )
-    raw_prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    # Every set written whole: CAP_NET_BIND_SERVICE permitted and effective,
+    # nothing inheritable (which empties ambient too); then ambient explicitly.
+    capset(effective=NET_BIND_SERVICE_MASK, permitted=NET_BIND_SERVICE_MASK, inheritable=0)
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
 
 
 def switch_user(uid: int, gid: int) -> None:
     """Root start: become uid/gid holding only CAP_NET_BIND_SERVICE."""
     try:
-        prctl.capbset.limit(prctl.CAP_NET_BIND_SERVICE)
-        # python-prctl knows caps up to its build; the kernel may know more.
-        for cap in range(max(prctl.ALL_CAPS) + 1, cap_last() + 1):
-            raw_prctl(PR_CAPBSET_DROP, cap)
-        prctl.set_keepcaps(True)
+        # Every capability this kernel knows, not a list fixed at some build.
+        for cap in range(cap_last() + 1):
+            if cap != CAP_NET_BIND_SERVICE:
+                prctl(PR_CAPBSET_DROP, cap)
+        prctl(PR_SET_KEEPCAPS, 1)
         os.setgroups([])
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
-        prctl.set_keepcaps(False)
+        prctl(PR_SET_KEEPCAPS, 0)
         _set_only_bind_caps()
     except (OSError, ValueError) as exc:
         raise Refusal(Exit.OSERR, f"dropping to uid {uid} gid {gid} failed: {exc}") from exc
@@ -169,9 +169,9 @@ def keep_user(uid: int, gid: int) -> None:
 def lock(expected_parent: int) -> None:
     """After the uid change, which resets pdeathsig and dumpable."""
     try:
-        prctl.set_no_new_privs(1)
-        prctl.set_dumpable(False)
-        prctl.set_pdeathsig(signal.SIGKILL)
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
+        prctl(PR_SET_DUMPABLE, 0)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError as exc:
         raise Refusal(Exit.OSERR, f"prctl lock-down failed: {exc}") from exc
     # The parent may have died before pdeathsig was armed; then nobody would kill us.

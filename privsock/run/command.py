@@ -81,7 +81,7 @@ def drop_supervisor(target: dropall.Target) -> None:
 
 
 def make_undumpable() -> None:
-    caps.prctl(kernel.PR_SET_DUMPABLE, 0)
+    caps.prctl(caps.PR_SET_DUMPABLE, 0)
     if caps.prctl(kernel.PR_GET_DUMPABLE, 0) != 0:
         raise Refusal(Exit.OSERR, "could not make the supervisor non-dumpable")
 

@@ -21,10 +21,9 @@ import platform
 import struct
 from dataclasses import dataclass
 
-# include/uapi/linux/prctl.h: run's prctl options (the call is caps.prctl)
-PR_SET_PDEATHSIG = 1
+# include/uapi/linux/prctl.h: run's own prctl options (the call, and the options
+# the helper shares, PR_SET_PDEATHSIG and PR_SET_DUMPABLE, are in caps)
 PR_GET_DUMPABLE = 3
-PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 
 _libc = ctypes.CDLL(None, use_errno=True)

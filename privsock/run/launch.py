@@ -72,7 +72,7 @@ def _child(
         dropall.drop(target)
     else:
         caps.prctl(caps.PR_SET_NO_NEW_PRIVS, 1)
-    caps.prctl(kernel.PR_SET_PDEATHSIG, PDEATHSIG)
+    caps.prctl(caps.PR_SET_PDEATHSIG, PDEATHSIG)
     if os.getppid() != supervisor:
         os._exit(Exit.SOFTWARE)  # the supervisor is already gone
     try:
