@@ -38,27 +38,10 @@ def test_helper_entry_point_loads_only_the_helper_folder() -> None:
     assert set(_loaded_by("privsock")) == {"privsock"}
 
 
-def test_the_helper_loads_neither_dataclasses_nor_inspect() -> None:
-    # Its records are NamedTuples: dataclasses brings inspect, ast, dis and
-    # tokenize, about 1 MiB of a serving helper (bench/README.md). -S, as an
-    # installed helper runs, so the venv's own start-up imports do not count.
-    probe = (
-        "import sys\n"
-        f"sys.path[1:1] = [{str(ROOT)!r}, {sysconfig.get_paths()['purelib']!r}]\n"
-        "import privsock.helper.main\n"
-        "print(' '.join(sorted(sys.modules)))"
-    )
-    done = subprocess.run([sys.executable, "-I", "-S", "-c", probe], capture_output=True,
-                          text=True, check=True, cwd="/")  # fmt: skip
-    loaded = set(done.stdout.split())
-    assert "privsock.helper.main" in loaded
-    assert loaded & {"dataclasses", "inspect", "ast", "dis", "tokenize"} == set()
-
-
-def test_the_helper_imports_nothing_outside_the_standard_library_but_privsock() -> None:
-    # -S and a sys.path of the standard library and this checkout alone, so a
-    # third-party import (python-prctl, pyseccomp) would fail here; and every
-    # module it loads comes from one or the other.
+def _modules_without_site() -> dict[str, str]:
+    """Every module ``import privsock.helper.main`` loads, with its file, under
+    -I -S and a sys.path of the standard library and this checkout alone (as the
+    helper runs), so a third-party import (python-prctl, pyseccomp) fails here."""
     probe = (
         "import json, sys\n"
         f"sys.path.append({str(ROOT)!r})\n"
@@ -68,10 +51,23 @@ def test_the_helper_imports_nothing_outside_the_standard_library_but_privsock() 
     done = subprocess.run([sys.executable, "-I", "-S", "-c", probe], capture_output=True,
                           text=True, check=False, cwd="/")  # fmt: skip
     assert done.returncode == 0, done.stderr
+    loaded: dict[str, str] = json.loads(done.stdout)
+    assert "privsock.helper.main" in loaded
+    return loaded
+
+
+def test_the_helper_loads_neither_dataclasses_nor_inspect() -> None:
+    # Its records are NamedTuples: dataclasses brings inspect, ast, dis and
+    # tokenize, about 1 MiB of a serving helper (bench/README.md).
+    loaded = set(_modules_without_site())  # the probe's json loads none of them
+    assert loaded & {"dataclasses", "inspect", "ast", "dis", "tokenize"} == set()
+
+
+def test_the_helper_imports_nothing_outside_the_standard_library_but_privsock() -> None:
     stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
     outside = {
         name: path
-        for name, path in json.loads(done.stdout).items()
+        for name, path in _modules_without_site().items()
         if path
         and not Path(path).resolve().is_relative_to(stdlib)
         and not Path(path).resolve().is_relative_to(ROOT / "privsock")
