@@ -113,10 +113,11 @@ def test_installed_files_are_the_trees(deb: Path, tmp_path: Path) -> None:
     assert ("ExecStart=/usr/bin/python3 -I -S -c \"import sys; sys.path += "
             "['/usr/lib/python3/dist-packages']; from privsock.helper.main import main; "
             "main()\" --policy /etc/privsock/policy.toml") in service
-    for cmd, module in (("usr/bin/privsock", "privsock.cli"),
-                        ("usr/sbin/privsock-helper", "privsock.helper.main")):  # fmt: skip
+    commands = (("usr/bin/privsock", "privsock.cli", "-I"),
+                ("usr/sbin/privsock-helper", "privsock.helper.main", "-IS"))
+    for cmd, module, flags in commands:
         text = (root / cmd).read_text()
-        assert text.splitlines()[0] == "#!/usr/bin/python3 -I"
+        assert text.splitlines()[0] == f"#!/usr/bin/python3 {flags}"
         assert f"from {module} import main" in text
     conffiles = subprocess.run(["dpkg-deb", "--info", str(deb), "conffiles"],
                                capture_output=True, text=True, check=True).stdout  # fmt: skip
@@ -135,6 +136,20 @@ def test_lintian_is_clean(deb: Path) -> None:
                           text=True, timeout=300, check=False)  # fmt: skip
     tags = [line for line in done.stdout.splitlines() if re.match(r"^[EWIPX]: ", line)]
     assert tags == [], "\n".join(tags)
+
+
+def test_the_packaged_helper_command_runs_without_site(deb: Path, tmp_path: Path) -> None:
+    """/usr/sbin/privsock-helper starts as the service unit does: its
+    interpreter line's flags load no site (no .pth hook, no sitecustomize), and
+    its path is the standard library and the package's directory."""
+    root = _extract(deb, tmp_path / "root")
+    lines = (root / "usr/sbin/privsock-helper").read_text().splitlines()
+    interpreter, flags = lines[0].removeprefix("#!").split(" ")
+    probe = "import sys; print('site' in sys.modules, sys.flags.no_site, sys.flags.isolated)"
+    done = subprocess.run([interpreter, flags, "-c", probe], capture_output=True, text=True,
+                          check=True, env={"PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert done.stdout.split() == ["False", "1", "1"]
+    assert 'sys.path.append("/usr/lib/python3/dist-packages")' in lines
 
 
 def test_installed_commands_ignore_the_callers_python_environment(

@@ -107,7 +107,7 @@ def test_install_serve_and_purge(container: Container, deb: Path) -> None:
                             "privsock-helper": "/usr/sbin/privsock-helper",
                             "gcc": None, "cc": None}  # fmt: skip
     assert got["shebang"] == {"privsock": "#!/usr/bin/python3 -I",
-                              "privsock-helper": "#!/usr/bin/python3 -I"}  # fmt: skip
+                              "privsock-helper": "#!/usr/bin/python3 -IS"}  # fmt: skip
     assert got["version"] == f"privsock {__version__}"
     uid, group, shell, home = got["user"]  # type: ignore[misc]
     assert 0 < uid < 1000, "privsock must be a system user"
