@@ -31,13 +31,15 @@ def parse_transport(value: str | Transport) -> Transport:
 
 def parse_address(value: str | protocol.IPAddress) -> protocol.IPAddress:
     if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
-        return value
+        return _unscoped(value)
     if isinstance(value, str):
         try:
             # str.__str__: a plain str, whatever a subclass's __hash__/__eq__ say.
-            return _address_text(str.__str__(value))
+            address = _address_text(str.__str__(value))
         except ValueError:
             pass
+        else:
+            return _unscoped(address)
         raise InvalidArgument(
             f"address must be a numeric IPv4 or IPv6 address, not {value!r} "
             "(privsock never resolves names)"
@@ -46,6 +48,17 @@ def parse_address(value: str | protocol.IPAddress) -> protocol.IPAddress:
         "address must be a str such as '127.0.0.1' or '::1', or an ipaddress "
         f"IPv4Address/IPv6Address, not {_shown(value)}"
     )
+
+
+def _unscoped(address: protocol.IPAddress) -> protocol.IPAddress:
+    # The request has no room for a scope (fe80::1%eth0): the helper would bind
+    # the bare address. And its text is the caller's, anything at all.
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        raise InvalidArgument(
+            f"address {str(address)!r} has a scope (%zone): the helper cannot be asked for "
+            "one; give the address without it"
+        )
+    return address
 
 
 @functools.lru_cache(maxsize=256)

@@ -112,11 +112,18 @@ def default_helper_argv() -> list[str]:
     """``python -I -S``: no site, so no .pth file, sitecustomize or site-packages
     finder runs as root before the helper's first line. Its sys.path is the
     standard library, then exactly privsock's directory (helper_path)."""
-    boot = (
-        f"import sys; sys.path += {list(helper_path())!r}; "
+    return [sys.executable, "-I", "-S", "-c", boot_line(helper_path())]
+
+
+def boot_line(directories: Sequence[str]) -> str:
+    """The helper's ``-c`` source: ``directories`` onto sys.path, then main().
+    Bytes literals, so the line is ASCII and the helper gets each directory's own
+    bytes whatever locale the boss encodes its argv in and the helper decodes it in."""
+    dirs = [os.fsencode(d) for d in directories]
+    return (
+        f"import os, sys; sys.path += [os.fsdecode(d) for d in {dirs!r}]; "
         f"from {HELPER_MODULE} import main; main()"
     )
-    return [sys.executable, "-I", "-S", "-c", boot]
 
 
 class HelperProcess:

@@ -270,10 +270,16 @@ _v6_tails = st.binary(min_size=6, max_size=6).map(lambda tail: bytes(10) + tail)
 _v6_sparse = st.lists(st.sampled_from([0, 0, 0, 1, 0xFFFF, 0x1234]), min_size=8, max_size=8).map(
     lambda words: b"".join(w.to_bytes(2, "big") for w in words)
 )
+_scoped = st.builds(
+    lambda v6, scope: ipaddress.IPv6Address(f"{v6}%{scope}"),
+    st.ip_addresses(v=6),
+    st.text(min_size=1).filter(lambda t: "%" not in t and "/" not in t),  # what it takes
+)
 addresses = st.one_of(
     st.ip_addresses(),
     st.one_of(_v6_tails, _v6_sparse).map(ipaddress.IPv6Address),
     st.just(ipaddress.IPv6Address("::ffff:0.0.0.0")),
+    _scoped,  # refused by the boss and never decoded, but a line must still be JSON
 )
 requests = st.one_of(
     st.none(),

@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 
 from privsock.client import SocketCreator
-from privsock.helperprocess import HELPER_ENV, HELPER_PACKAGES, default_helper_argv, helper_path
+from privsock.helperprocess import (
+    HELPER_ENV,
+    HELPER_PACKAGES,
+    boot_line,
+    default_helper_argv,
+    helper_path,
+)
 
 from .test_deploy import INSTALLED_PATH, INSTALLED_PYTHON, SERVICE_UNIT
 
@@ -149,3 +155,21 @@ def test_a_module_in_the_bosss_directory_does_not_reach_the_helper(
     assert sorted(p.name for p in cwd.rglob("ran-as-*")) == [], "a planted module ran"
     assert done.returncode == 0 and done.stdout == "served\n", done.stderr
     assert str(cwd) not in " ".join(default_helper_argv())
+
+
+def test_the_boot_line_carries_a_directorys_bytes_in_any_locale() -> None:
+    # A root boss in a Latin-1 locale once wrote a path's U+00A0 into the line as
+    # '\xa0', which the helper (UTF-8) turned into the bytes C2 A0: another
+    # directory. ASCII source and bytes literals give the same bytes whatever
+    # either side's encoding.
+    raw = b"/nonexistent/caf\xc3\xa9 \xa0 \"q\" '\n\\"
+    line = boot_line([os.fsdecode(raw)])
+    assert line.isascii() and "\n" not in line
+    report = line.removesuffix("from privsock.helper.main import main; main()")
+    assert report != line
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", report + "print(os.fsencode(sys.path[-1]).hex())"],
+        capture_output=True, text=True, check=True, env=HELPER_ENV,
+    )  # fmt: skip
+    assert bytes.fromhex(done.stdout.strip()) == raw
+

@@ -30,6 +30,10 @@ BAD_CREATES: list[tuple[tuple[Any, ...], dict[str, Any], str]] = [
     (("udp", b"127.0.0.1", 53), {}, "not b'127.0.0.1' (bytes)"),
     (("udp", "localhost", 53), {}, "not 'localhost' (privsock never resolves names)"),
     (("udp", "10.0.0.0/8", 53), {}, "numeric IPv4 or IPv6 address, not '10.0.0.0/8'"),
+    (("udp", "fe80::1%eth0", 53), {}, "address 'fe80::1%eth0' has a scope (%zone)"),
+    (("udp", ipaddress.IPv6Address("fe80::1%2"), 53), {}, "address 'fe80::1%2' has a scope"),
+    # The scope is the caller's text: it must not reach an audit line raw.
+    (("udp", 'fe80::1%x"}\n{"side":"helper"', 53), {}, "has a scope (%zone)"),
     (("sctp", "127.0.0.1", 53), {}, "transport must be 'udp' or 'tcp', not 'sctp' (str)"),
     ((17, "127.0.0.1", 53), {}, "transport must be 'udp' or 'tcp', not 17 (int)"),
     (("udp", "127.0.0.1", 53), {"reuseaddr": "yes"}, "reuseaddr must be True or False"),

@@ -102,6 +102,16 @@ def test_a_rule_libseccomp_refuses_is_an_error() -> None:
     assert "seccomp_rule_add_array(write, " in str(caught.value)
 
 
+@pytest.mark.parametrize("datum", [-1, 1 << 64])
+def test_a_value_ctypes_would_wrap_is_an_error(datum: int) -> None:
+    # -1 would become 0xffffffffffffffff and 2**64 would become 0: another rule.
+    for arg in (scmp.Arg(0, scmp.CMP_EQ, datum), scmp.Arg(0, scmp.CMP_MASKED_EQ, 1, datum)):
+        with scmp.Filter(scmp.ACT_KILL_PROCESS) as flt, pytest.raises(OSError) as caught:
+            flt.add_rule(scmp.ACT_ALLOW, "write", (arg,))
+        assert caught.value.errno == errno.EINVAL
+        assert "is not 64-bit" in str(caught.value)
+
+
 def test_an_attribute_libseccomp_refuses_is_an_error() -> None:
     with scmp.Filter(scmp.ACT_KILL_PROCESS) as flt, pytest.raises(OSError) as caught:
         flt.set_attr(scmp.FLTATR_ACT_BADARCH, 0x12340000)  # no such action

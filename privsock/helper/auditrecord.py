@@ -136,7 +136,10 @@ class Lines:
     ) -> bytes:
         if isinstance(request, Create):
             op, transport = '"CREATE"', _TRANSPORT_TEXT[request.transport]
-            address, port = f'"{address_text(request.address)}"', str(int(request.port))
+            text = address_text(request.address)
+            # Hex digits, '.' and ':' need no escaping; a scope (fe80::1%eth0) may hold anything.
+            address = _string(text) if "%" in text else f'"{text}"'
+            port = str(int(request.port))
             options = _OPTION_LISTS[request.options]
         else:
             op = '"PING"' if isinstance(request, Ping) else "null"

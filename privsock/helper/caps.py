@@ -54,7 +54,10 @@ _libc.capset.restype = ctypes.c_int
 
 def prctl(option: int, arg2: int) -> int:
     """prctl(option, arg2, 0, 0, 0): its result, or OSError if the kernel says no."""
-    ret = int(_libc.prctl(option, ctypes.c_ulong(arg2), 0, 0, 0))
+    # glibc's prctl is variadic and reads unsigned longs; some options refuse
+    # any non-zero arg3-arg5, so they are passed at that width, not as C ints.
+    zero = ctypes.c_ulong(0)
+    ret = int(_libc.prctl(option, ctypes.c_ulong(arg2), zero, zero, zero))
     if ret < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl({option}, {arg2}): {os.strerror(err)}")

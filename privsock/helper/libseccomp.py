@@ -115,6 +115,9 @@ class Filter:
         if nr < 0:  # NR_SCMP_ERROR, or a syscall of another architecture
             raise OSError(errno.EINVAL, f"seccomp_syscall_resolve_name: no syscall {syscall!r} "
                           f"on this architecture ({nr})")  # fmt: skip
+        for c in conditions:  # ctypes would wrap these silently; libseccomp checks the rest
+            if not (0 <= c.datum_a < 1 << 64 and 0 <= c.datum_b < 1 << 64):
+                raise OSError(errno.EINVAL, f"seccomp rule for {syscall}: {c} is not 64-bit")
         array = (_ArgCmp * len(conditions))(*(_ArgCmp(*c) for c in conditions))
         _check(_lib.seccomp_rule_add_array(self._ctx, action, nr, len(conditions), array),
                f"seccomp_rule_add_array({syscall}, {conditions})")  # fmt: skip

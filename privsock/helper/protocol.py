@@ -187,6 +187,8 @@ def _check_create_fields(req: Create) -> None:
         raise ProtocolError("CREATE needs a transport and an address", req.request_id)
     if not 1 <= req.port <= 0xFFFF:
         raise ProtocolError(f"port {req.port} is outside 1-65535", req.request_id)
+    if req.address.version == 6 and req.address.scope_id is not None:
+        raise ProtocolError("a request carries no IPv6 scope", req.request_id)
     # int(): on an IntFlag, ~ALL_OPTIONS keeps only known bits and would be 0;
     # plain ints are also several times faster than IntFlag arithmetic.
     options = int(req.options)
