@@ -2,8 +2,8 @@
 (encode), read a line back (parse).
 
 The format, its fields and their order are privsock.helper.auditrecord's; the
-helper itself writes auditrecord.line and never builds a dict or loads json.
-A property test holds ``encode(record(...))`` and ``auditrecord.line(...)``
+helper itself writes auditrecord.Lines.line and never builds a dict or loads
+json. A property test holds ``encode(record(...))`` and ``Lines(...).line(...)``
 byte for byte equal.
 """
 

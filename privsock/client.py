@@ -332,9 +332,8 @@ class SocketCreator:
             reason = reply.reason.name.lower()
         elif reply.stage is not None:
             reason = reply.stage.name.lower()
-        sink(auditrecord.line(
-            now=time.time(), side="boss", pid=os.getpid(), request_id=req.request_id,
-            request=req, decision=_DECISIONS[reply.status], reason=reason,
+        sink(auditrecord.Lines(side="boss", pid=os.getpid()).line(
+            time.time(), req.request_id, req, _DECISIONS[reply.status], reason=reason,
             errno=reply.detail if reply.status is Status.OS_ERROR else None,
             retry_ms=reply.detail if reply.status is Status.RATE_LIMITED else None,
         ))  # fmt: skip

@@ -31,6 +31,7 @@ from typing import NamedTuple
 import prctl
 
 from privsock import spawner
+from privsock.helper import caps
 from privsock.helper.caps import (
     PR_CAP_AMBIENT,
     PR_CAP_AMBIENT_CLEAR_ALL,
@@ -38,10 +39,17 @@ from privsock.helper.caps import (
     PR_SET_NO_NEW_PRIVS,
     cap_last,
     missing_drop_caps,
-    raw_prctl,
 )
 from privsock.helper.exitcodes import Exit, Refusal
 from privsock.helper.procstatus import CAP_SETS, StatusFormatError, cap_names, parse_status
+
+
+def raw_prctl(option: int, arg2: int) -> None:
+    """prctl(option, arg2, 0, 0, 0); a Refusal (OSERR) if the kernel says no."""
+    try:
+        caps.prctl(option, arg2)
+    except OSError as exc:
+        raise Refusal(Exit.OSERR, f"{exc.strerror}") from None
 
 
 class Target(NamedTuple):

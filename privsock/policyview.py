@@ -7,8 +7,6 @@ import os
 import pwd
 
 from privsock.helper.policy import (
-    WILDCARD_V4,
-    WILDCARD_V6,
     Decision,
     IPAddress,
     Peer,
@@ -20,6 +18,8 @@ from privsock.helper.policy import (
 from privsock.helper.policyparse import show_range
 from privsock.helper.protocol import OPTION_NAMES, TRANSPORT_NAMES, Create, Option, Transport
 
+WILDCARD_V4 = ipaddress.IPv4Address(0)
+WILDCARD_V6 = ipaddress.IPv6Address(0)
 ANY_V4 = ipaddress.IPv4Network("0.0.0.0/0")
 ANY_V6 = ipaddress.IPv6Network("::/0")
 

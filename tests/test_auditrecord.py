@@ -13,14 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from privsock.auditjson import encode, parse, record
-from privsock.helper.auditrecord import (
-    FIELDS,
-    Lines,
-    address_text,
-    line,
-    option_names,
-    rfc3339,
-)
+from privsock.helper.auditrecord import FIELDS, Lines, address_text, option_names, rfc3339
 from privsock.helper.protocol import Create, Option, Ping, Transport
 
 V4 = ipaddress.IPv4Address("192.0.2.10")
@@ -262,7 +255,16 @@ def test_option_names(options: Option, names: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------
-# line(): the helper's template, byte-identical to encode(record(...))
+# Lines.line: the template both sides write, byte-identical to encode(record(...))
+
+
+def line(**kw: Any) -> bytes:
+    """One line from a fresh Lines, taking record()'s keywords."""
+    lines = Lines(side=kw.pop("side"), pid=kw.pop("pid"), peer_uid=kw.pop("peer_uid", None),
+                  peer_pid=kw.pop("peer_pid", None))  # fmt: skip
+    return lines.line(kw.pop("now"), kw.pop("request_id"), kw.pop("request"),
+                      kw.pop("decision"), **kw)  # fmt: skip
+
 
 # Addresses where inet_ntop and ipaddress could disagree are drawn often: the
 # ::/80 block (IPv4-compatible and -mapped forms) and runs of zero hextets.
@@ -302,10 +304,9 @@ _decisions = st.sampled_from(
 ) | st.text()
 
 
-@given(
+# What changes from line to line of one writer, and what a writer fixes (Lines()).
+_PER_LINE = dict(
     now=st.floats(min_value=0.0, max_value=4102444800.0),
-    side=st.sampled_from(["helper", "boss"]) | st.text(),
-    pid=st.integers(0, 2**32),
     request_id=st.integers(0, 0xFFFFFFFF),
     request=requests,
     decision=_decisions,
@@ -313,9 +314,16 @@ _decisions = st.sampled_from(
     rule=_maybe_text,
     errno=_maybe_int,
     retry_ms=_maybe_int,
+)
+_PER_WRITER = dict(
+    side=st.sampled_from(["helper", "boss"]) | st.text(),
+    pid=st.integers(0, 2**32),
     peer_uid=_maybe_int,
     peer_pid=_maybe_int,
 )
+
+
+@given(**_PER_LINE, **_PER_WRITER)
 def test_line_is_encode_of_record_byte_for_byte(**kw: Any) -> None:
     got = line(**kw)
     assert got == encode(record(**kw))
@@ -331,27 +339,18 @@ def test_line_is_encode_of_record_byte_for_byte(**kw: Any) -> None:
         assert ipaddress.ip_address(rec["address"]) == kw["request"].address
 
 
-# A helper's session writes every line through one Lines: reused, it must give
-# what line() gives for each.
+# A helper's session writes every line through one Lines: reused, each line
+# must still be encode(record(...)) of its own arguments.
 _ONE_WRITER = Lines(side="helper", pid=4321, peer_uid=2001, peer_pid=77)
 
 
-@given(
-    now=st.floats(min_value=0.0, max_value=4102444800.0),
-    request_id=st.integers(0, 0xFFFFFFFF),
-    request=requests,
-    decision=_decisions,
-    reason=_maybe_text,
-    rule=_maybe_text,
-    errno=_maybe_int,
-    retry_ms=_maybe_int,
-)
+@given(**_PER_LINE)
 def test_one_writers_lines_are_line_each_time(**kw: Any) -> None:
     got = _ONE_WRITER.line(
         kw["now"], kw["request_id"], kw["request"], kw["decision"],
         kw["reason"], kw["rule"], kw["errno"], kw["retry_ms"],
     )  # fmt: skip
-    assert got == line(side="helper", pid=4321, peer_uid=2001, peer_pid=77, **kw)
+    assert got == encode(record(side="helper", pid=4321, peer_uid=2001, peer_pid=77, **kw))
 
 
 @given(addresses)

@@ -24,7 +24,7 @@ Fields (always present, in this order; absent values are null):
   command   boss lines of `privsock exec`: the command's argv, argv[0] the path found
 
 Pure: building a line does no I/O and opens no file (the helper formats lines
-under seccomp). The time is passed in. The helper writes ``line``: the fields in
+under seccomp). The time is passed in. Both sides write ``Lines.line``: the fields in
 their fixed order through one template, no dict and no json.dumps; a property
 test holds it byte-identical to json.dumps of the same record as a dict, the
 form the boss builds and parses.
@@ -153,23 +153,3 @@ class Lines:
             f'"retry_ms":{_number(retry_ms)}{self._tail}'
         ).encode("ascii")
 
-
-def line(
-    *,
-    now: float,
-    side: str,
-    pid: int,
-    request_id: int,
-    request: Request | None,
-    decision: str,
-    reason: str | None = None,
-    rule: str | None = None,
-    errno: int | None = None,
-    retry_ms: int | None = None,
-    peer_uid: int | None = None,
-    peer_pid: int | None = None,
-) -> bytes:
-    """``encode(record(...))`` with the same arguments, byte for byte."""
-    return Lines(side=side, pid=pid, peer_uid=peer_uid, peer_pid=peer_pid).line(
-        now, request_id, request, decision, reason, rule, errno, retry_ms
-    )

@@ -10,8 +10,6 @@ from __future__ import annotations
 import ctypes
 import os
 
-from privsock.helper.exitcodes import Exit, Refusal
-
 # include/uapi/linux/prctl.h
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
@@ -62,14 +60,6 @@ def prctl(option: int, arg2: int) -> int:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl({option}, {arg2}): {os.strerror(err)}")
     return ret
-
-
-def raw_prctl(option: int, arg2: int) -> None:
-    """prctl(option, arg2, 0, 0, 0); a Refusal (OSERR) if the kernel says no."""
-    try:
-        prctl(option, arg2)
-    except OSError as exc:
-        raise Refusal(Exit.OSERR, f"{exc.strerror}") from None
 
 
 def capset(effective: int, permitted: int, inheritable: int) -> None:

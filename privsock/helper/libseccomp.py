@@ -26,13 +26,8 @@ ACT_ALLOW = 0x7FFF0000
 # enum scmp_filter_attr: SCMP_FLTATR_ACT_BADARCH, the action for a foreign ABI
 FLTATR_ACT_BADARCH = 2
 
-# enum scmp_compare: SCMP_CMP_*
-CMP_NE = 1
-CMP_LT = 2
-CMP_LE = 3
+# enum scmp_compare: the two SCMP_CMP_* the allowlist uses
 CMP_EQ = 4
-CMP_GE = 5
-CMP_GT = 6
 CMP_MASKED_EQ = 7  # (argument & datum_a) == datum_b
 
 # #define __NR_SCMP_ERROR -1: what seccomp_syscall_resolve_name returns for an

@@ -105,9 +105,8 @@ def _warm_up(policy: Policy) -> None:
     # A malformed request's reason quotes what the boss sent: every escape path.
     for audited in (req, protocol.Create(1, protocol.Transport.UDP,
                                          ipaddress.IPv6Address("::ffff:127.0.0.1"), 53)):
-        auditrecord.line(now=time.time(), side="helper", pid=0, request_id=1, request=audited,
-                         decision="granted", reason="\"\\\n\x7f\xe9\U0001f600", peer_uid=1,
-                         peer_pid=1)  # fmt: skip
+        auditrecord.Lines(side="helper", pid=0, peer_uid=1, peer_pid=1).line(
+            time.time(), 1, audited, "granted", reason="\"\\\n\x7f\xe9\U0001f600")
     time.monotonic()
 
 

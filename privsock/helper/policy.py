@@ -52,9 +52,6 @@ from privsock.helper.protocol import Create, Option, Reason, Transport
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-WILDCARD_V4 = ipaddress.IPv4Address(0)
-WILDCARD_V6 = ipaddress.IPv6Address(0)
-
 # The options a rule can grant, per transport. On UDP, SO_REUSEADDR has no owner
 # check: a second socket with it may bind a port that another user's service holds
 # with SO_REUSEADDR (dnsmasq, systemd-resolved's stub), and the newest socket gets
